@@ -1,0 +1,148 @@
+"""Dataset descriptions and in-memory splits shared by every loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from equimodal.data.batch import MultimodalBatch
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality: its name, the shape of one sample, and what kind of data it is."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str = "features"
+
+    @property
+    def dim(self) -> int:
+        """Flat size of one sample (the feature dimension for vector modalities)."""
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a dataset, as listed by ``equimodal datasets``."""
+
+    name: str
+    modalities: tuple[ModalitySpec, ...]
+    num_classes: int
+    num_samples: int
+    source: str
+    license: str
+    description: str = ""
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+
+class FeatureSplit:
+    """One split of a dataset held in memory as tensors (vector features per modality).
+
+    ``features[m]`` is ``(n, d_m)`` float32, ``present[m]`` a ``(n,)`` bool mask,
+    ``labels`` ``(n,)`` int64 and ``indices`` the ``(n,)`` row ids in the full dataset.
+    Batches are sliced directly from the tensors, which on small tabular data is an
+    order of magnitude faster than a per-item DataLoader.
+    """
+
+    def __init__(
+        self,
+        features: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        present: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        n = int(labels.shape[0])
+        for m, x in features.items():
+            if int(x.shape[0]) != n:
+                raise ValueError(f"modality {m!r} has {x.shape[0]} rows but there are {n} labels")
+        self.features = {m: x.float().contiguous() for m, x in features.items()}
+        self.labels = labels.long()
+        self.indices = indices.long()
+        if present is None:
+            present = {m: torch.ones(n, dtype=torch.bool) for m in features}
+        self.present = {m: present[m].bool() for m in features}
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    def full_batch(self) -> MultimodalBatch:
+        """The whole split as one batch."""
+        return MultimodalBatch(
+            inputs=dict(self.features),
+            present=dict(self.present),
+            labels=self.labels,
+            indices=self.indices,
+        )
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[MultimodalBatch]:
+        """Iterate over mini-batches; ``shuffle`` draws the order from ``generator``."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            rows = order[start : start + batch_size]
+            yield MultimodalBatch(
+                inputs={m: x[rows] for m, x in self.features.items()},
+                present={m: p[rows] for m, p in self.present.items()},
+                labels=self.labels[rows],
+                indices=self.indices[rows],
+            )
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches ``batches(batch_size, drop_last=...)`` yields."""
+        n = len(self)
+        if drop_last and n >= batch_size:
+            return n // batch_size
+        return (n + batch_size - 1) // batch_size
+
+
+@dataclass
+class MultimodalData:
+    """A loaded dataset with its train / validation / test splits."""
+
+    info: DatasetInfo
+    train: FeatureSplit
+    val: FeatureSplit
+    test: FeatureSplit
+    options: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.info.modality_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def split(self, name: str) -> FeatureSplit:
+        """The split called ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in SPLIT_NAMES:
+            raise KeyError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
+        return getattr(self, name)
+
+    def majority_class(self) -> int:
+        """The most frequent class of the training split (ties: the smallest id)."""
+        counts = torch.bincount(self.train.labels, minlength=self.num_classes)
+        return int(torch.argmax(counts))
