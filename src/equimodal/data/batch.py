@@ -62,7 +62,9 @@ class MultimodalBatch:
         )
 
 
-def collate_items(items: Sequence[Mapping[str, object]], modalities: Sequence[str]) -> MultimodalBatch:
+def collate_items(
+    items: Sequence[Mapping[str, object]], modalities: Sequence[str]
+) -> MultimodalBatch:
     """Collate dataset items ``{modality: tensor, "label": int, "index": int}`` into a batch.
 
     A modality absent from an item (key missing or ``None``) is zero-filled in ``inputs``

@@ -1,0 +1,5 @@
+"""``python -m equimodal`` runs the command line."""
+
+from equimodal.cli import main
+
+main()

@@ -1,0 +1,309 @@
+"""The ``equimodal`` command line: train, evaluate, datasets, strategies.
+
+Bad input (config, dataset, run folder, checkpoint) ends with one line on stderr naming
+what is wrong and exit code 2; no half-made run folder is left behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from equimodal.config import ConfigError, build_config, load_yaml
+from equimodal.engine.checkpoint import CheckpointError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Balanced multimodal learning: Shapley-guided alternating training and diagnostics.",
+)
+out = Console()
+err = Console(stderr=True)
+
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    KeyError,
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
+def _unique_dir(root: Path, name: str) -> Path:
+    candidate = root / name
+    k = 2
+    while candidate.exists():
+        candidate = root / f"{name}-{k}"
+        k += 1
+    return candidate
+
+
+@app.command()
+def train(
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset name (see `equimodal datasets`).")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="Training method (see `equimodal strategies`).")
+    ] = None,
+    fusion: Annotated[
+        str | None, typer.Option(help="concat, sum, late or memory (default: the method's).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (also selects the split where seeded).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a config key: key.path=value (repeatable)."),
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder that receives the run folder.")
+    ] = Path("runs"),
+    name: Annotated[
+        str | None, typer.Option(help="Run folder name (default <dataset>-<strategy>-s<seed>).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Train a model; with no options, `shapley_alternating` on mfeat (tmc split)."""
+    from equimodal.data.registry import load_dataset
+    from equimodal.engine.trainer import Trainer, build_model, remove_run_dir
+
+    overrides: list[str] = []
+    for key, value in (
+        ("dataset.name", dataset),
+        ("strategy.name", strategy),
+        ("model.fusion", fusion),
+        ("train.epochs", epochs),
+        ("seed", seed),
+        ("name", name),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides.extend(set_ or [])
+    try:
+        base = load_yaml(config) if config is not None else {}
+        if (
+            strategy is not None
+            and isinstance(base.get("strategy"), dict)
+            and base["strategy"].get("name") != strategy
+        ):
+            base["strategy"] = {"name": strategy}  # options of another method do not carry over
+        cfg = build_config(base, overrides)
+        data = load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
+        build_model(cfg, data.info)  # validates sizes and names before any folder exists
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    run_dir = _unique_dir(out_dir, cfg.run_name())
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        _fail(f"cannot create run folder {str(run_dir)!r}: {exc.strerror or exc}")
+    err.print(
+        f"[bold]equimodal[/] {cfg.strategy.name} on {cfg.dataset.name} "
+        f"({', '.join(data.modalities)}; fusion {cfg.model.fusion}; seed {cfg.seed}) -> {run_dir}",
+        highlight=False,
+    )
+    try:
+        result = Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err).fit()
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted; the last complete epoch is in {run_dir}/checkpoints/last.safetensors"
+        )
+        raise typer.Exit(code=130) from None
+    except USER_ERRORS as exc:
+        remove_run_dir(run_dir)
+        _fail(_message(exc))
+        return
+    except BaseException:
+        remove_run_dir(run_dir)
+        raise
+    _print_metrics(result.metrics, run_dir)
+
+
+def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
+    test = metrics["test"]
+    summary = Table(
+        title=f"test split ({test['num_samples']} samples), best epoch {metrics['best_epoch']}"
+    )
+    for col in ("accuracy", "macro-F1", "EDM", "train time"):
+        summary.add_column(col, justify="right")
+    summary.add_row(
+        f"{100 * test['accuracy']:.2f} %",
+        f"{100 * test['macro_f1']:.2f} %",
+        f"{100 * test['edm']:.1f} %" if "edm" in test else "-",
+        f"{metrics['train_time_s']:.1f} s",
+    )
+    out.print(summary)
+    if "shapley" in test:
+        per = Table(title="modality contributions (Shapley value of accuracy, test)")
+        for col in ("modality", "Shapley", "share", "deviation from equal share"):
+            per.add_column(col, justify="right")
+        for m in metrics["modalities"]:
+            per.add_row(
+                m,
+                f"{100 * test['shapley'][m]:+.2f} pts",
+                f"{100 * test['shapley_share'][m]:.1f} %",
+                f"{100 * test['edm_deviation'][m]:+.1f} pts",
+            )
+        out.print(per)
+    if run_dir is not None:
+        out.print(f"run folder: {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `equimodal train`.")],
+    modalities: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of modalities to read (default: all)."),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+) -> None:
+    """Re-score a saved run on its test split, optionally reading only some modalities."""
+    from equimodal.engine.trainer import load_run
+    from equimodal.evaluate import class_prior, encode_split, evaluate_cache
+
+    if checkpoint not in ("best", "last"):
+        _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    try:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+        cfg, model, strategy, data = load_run(run_dir, checkpoint)
+        names = list(model.modalities)
+        subset = names
+        if modalities:
+            subset = [m.strip() for m in modalities.split(",") if m.strip()]
+            bad = [m for m in subset if m not in names]
+            if bad or not subset:
+                raise ValueError(
+                    f"unknown modality {bad[0]!r}; the run has {', '.join(names)}"
+                    if bad
+                    else "--modalities is empty"
+                )
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    cache = encode_split(model, data.test)
+    prior = class_prior(data.train.labels, data.num_classes)
+    full = len(subset) == len(names)
+    if not full:
+        cache.z = {m: cache.z[m] for m in subset}
+    report = (
+        evaluate_cache(
+            model,
+            cache,
+            "test",
+            prior,
+            inference=strategy.inference_kwargs(),
+            shapley=full,
+            max_exact=cfg.train.shapley.max_exact,
+            permutations=cfg.train.shapley.permutations,
+            seed=cfg.seed,
+        )
+        if full
+        else _subset_report(model, strategy, cache, subset)
+    )
+    table = Table(title=f"{run_dir} — test split, modalities: {', '.join(subset)}")
+    for col in ("accuracy", "macro-F1", "EDM"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{100 * report.accuracy:.2f} %",
+        f"{100 * report.macro_f1:.2f} %",
+        f"{100 * report.edm.edm:.1f} %" if report.edm is not None else "-",
+    )
+    out.print(table)
+
+
+def _subset_report(model, strategy, cache, subset):
+    import torch.nn.functional as F
+    from sklearn.metrics import f1_score
+
+    from equimodal.evaluate import SplitReport, predict_logits
+
+    logits = predict_logits(model, cache, modalities=subset, **strategy.inference_kwargs())
+    labels = cache.labels
+    return SplitReport(
+        split="test",
+        modalities=tuple(subset),
+        num_samples=len(cache),
+        accuracy=float((logits.argmax(1) == labels).float().mean()),
+        macro_f1=float(
+            f1_score(labels.numpy(), logits.argmax(1).numpy(), average="macro", zero_division=0)
+        ),
+        loss=float(F.cross_entropy(logits, labels)),
+    )
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets: modalities with dimensions, classes, samples, source and licence."""
+    from equimodal.data.registry import dataset_names, get_entry
+
+    table = Table(title="equimodal datasets", show_lines=True)
+    for col in ("name", "modalities (dim)", "classes", "samples", "source", "licence"):
+        table.add_column(col, overflow="fold")
+    for name in dataset_names():
+        info = get_entry(name).info
+        mods = ", ".join(f"{m.name} ({'x'.join(map(str, m.shape))})" for m in info.modalities)
+        table.add_row(
+            name, mods, str(info.num_classes), str(info.num_samples), info.source, info.license
+        )
+    out.print(table)
+
+
+@app.command()
+def strategies() -> None:
+    """List the training methods and their options with defaults."""
+    from equimodal.strategies import get_strategy_class, strategy_names
+
+    table = Table(title="equimodal strategies", show_lines=True)
+    for col in ("name", "default fusion", "options (default)", "description"):
+        table.add_column(col, overflow="fold")
+    for name in strategy_names():
+        cls = get_strategy_class(name)
+        opts = ", ".join(
+            f"{k}={f.default!r}" for k, f in cls.config_class.model_fields.items() if k != "name"
+        )
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, cls.default_fusion, opts or "-", doc)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``equimodal`` console script."""
+    try:
+        app()
+    except SystemExit as exc:
+        raise exc
+    except USER_ERRORS as exc:  # pragma: no cover - last resort, commands catch their own
+        err.print(f"[bold red]error:[/] {_message(exc)}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

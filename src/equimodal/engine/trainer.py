@@ -1,0 +1,396 @@
+"""The one training loop: epochs, validation, Shapley measurement, selection, files.
+
+Every method runs through :class:`Trainer`; what differs between methods lives in its
+Strategy's hooks. Model selection and early stopping read the validation split only; the
+test split is scored once, at the end, by the selected checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import equimodal
+from equimodal.config import RunConfig, dump_config
+from equimodal.data.base import DatasetInfo, FeatureSplit, MultimodalData
+from equimodal.data.registry import load_dataset
+from equimodal.engine.checkpoint import load_model_state, read_checkpoint, save_checkpoint
+from equimodal.engine.files import write_json_atomic, write_text_atomic
+from equimodal.evaluate import SplitReport, class_prior, encode_split, evaluate_cache
+from equimodal.models.model import MultimodalModel
+from equimodal.strategies import Strategy, TrainContext, build_strategy
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; make torch kernels deterministic when asked."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_model(config: RunConfig, info: DatasetInfo) -> MultimodalModel:
+    """The model a config describes, for the modalities of ``info``."""
+    mc = config.model
+    unknown = [m for m in mc.encoders if m not in info.modality_names]
+    if unknown:
+        raise ValueError(
+            f"model.encoders names modality {unknown[0]!r}, which dataset {info.name!r} lacks "
+            f"(it has {', '.join(info.modality_names)})"
+        )
+    encoders = {
+        spec.name: (enc.kind, enc.options())
+        for spec in info.modalities
+        for enc in [mc.encoders.get(spec.name, mc.encoder)]
+    }
+    fusion_options = mc.memory.model_dump() if mc.fusion == "memory" else {}
+    return MultimodalModel(
+        info.modalities,
+        info.num_classes,
+        dim=mc.dim,
+        fusion=mc.fusion or "concat",
+        encoders=encoders,
+        fusion_options=fusion_options,
+    )
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``config.optim`` over all model parameters."""
+    oc = config.optim
+    params = list(model.parameters())
+    if oc.name == "adamw":
+        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    if oc.name == "adam":
+        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+
+
+def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
+    """The per-epoch learning-rate schedule of ``config.optim`` (None for ``none``)."""
+    oc = config.optim
+    if oc.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
+    if oc.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=oc.step_size, gamma=oc.gamma)
+    return None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with every run."""
+    return {
+        "equimodal": equimodal.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns: the final metrics and the run folder."""
+
+    metrics: dict[str, Any]
+    run_dir: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: MultimodalModel | None = None
+    strategy: Strategy | None = None
+
+
+def _split_to(split: FeatureSplit, device: torch.device) -> FeatureSplit:
+    if device.type == "cpu":
+        return split
+    return FeatureSplit(
+        {m: x.to(device) for m, x in split.features.items()},
+        split.labels.to(device),
+        split.indices.to(device),
+        {m: p.to(device) for m, p in split.present.items()},
+    )
+
+
+class Trainer:
+    """Trains one run described by a :class:`RunConfig`.
+
+    ``run_dir`` None keeps everything in memory (tests, notebooks); otherwise the folder
+    receives ``config.yaml``, ``history.jsonl``, ``metrics.json`` and ``checkpoints/``.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: MultimodalData | None = None,
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+        console: Console | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.show_progress = progress
+        self.console = console or Console(stderr=True)
+        self.on_epoch = on_epoch
+
+    # ------------------------------------------------------------------ helpers
+    def _evaluate(
+        self, model, strategy, split_name: str, split: FeatureSplit, prior, device
+    ) -> SplitReport:
+        tc = self.config.train
+        cache = encode_split(model, split, batch_size=tc.eval_batch_size, device=device)
+        strategy.prepare_inference(cache)
+        return evaluate_cache(
+            model,
+            cache,
+            split_name,
+            prior,
+            inference=strategy.inference_kwargs(),
+            value_kind=getattr(strategy, "value_kind", "accuracy"),
+            max_exact=tc.shapley.max_exact,
+            permutations=tc.shapley.permutations,
+            seed=self.config.seed,
+            batch_size=tc.eval_batch_size,
+        )
+
+    def _meta(self, epoch: int, strategy: Strategy, info: DatasetInfo) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "strategy": strategy.name,
+            "strategy_state": strategy.state_dict(),
+            "modalities": list(info.modality_names),
+            "num_classes": info.num_classes,
+            "dataset": info.name,
+            "versions": library_versions(),
+        }
+
+    # ------------------------------------------------------------------ main
+    def fit(self) -> TrainResult:
+        """Train, select on validation, score test once; returns the final metrics."""
+        cfg = self.config
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        data = self.data or load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
+        info = data.info
+        device = select_device(cfg.train.device)
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        model = build_model(cfg, info).to(device)
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer)
+        strategy = build_strategy(cfg.strategy)
+        ctx = TrainContext(
+            model=model,
+            optimizer=optimizer,
+            modalities=info.modality_names,
+            num_classes=info.num_classes,
+            seed=cfg.seed,
+            grad_clip=cfg.optim.grad_clip,
+        )
+        strategy.setup(ctx)
+        train = _split_to(data.train, device)
+        val = _split_to(data.val, device)
+        test = _split_to(data.test, device)
+        for name, split in (("train", train), ("val", val), ("test", test)):
+            if len(split) == 0:
+                raise ValueError(f"dataset {info.name!r}: the {name} split is empty")
+        prior = class_prior(data.train.labels, info.num_classes)
+
+        ckpt_dir = None
+        if self.run_dir is not None:
+            ckpt_dir = self.run_dir / "checkpoints"
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+
+        history: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        model.train()
+        initial = self._evaluate(model, strategy, "val", val, prior, device)
+        history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
+        best_key = (-1.0, float("inf"))
+        best_state: dict[str, torch.Tensor] | None = None
+        best_strategy: dict[str, Any] = strategy.state_dict()
+        best_epoch = 0
+        stale = 0
+        tc = cfg.train
+        progress = self._progress()
+        task = progress.add_task("training", total=tc.epochs) if progress else None
+        with progress or nullcontext():
+            for epoch in range(1, tc.epochs + 1):
+                t0 = time.perf_counter()
+                model.train()
+                strategy.on_epoch_start(epoch)
+                generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+                sums: dict[str, float] = {}
+                count = 0
+                for batch in train.batches(tc.batch_size, shuffle=True, generator=generator):
+                    logs = strategy.training_step(batch)
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                if scheduler is not None:
+                    scheduler.step()
+                train_time = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                report = self._evaluate(model, strategy, "val", val, prior, device)
+                eval_time = time.perf_counter() - t1
+                row = {
+                    "epoch": epoch,
+                    "train": {k: v / max(count, 1) for k, v in sums.items()},
+                    "val": report.to_dict(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_time_s": round(train_time, 4),
+                    "eval_time_s": round(eval_time, 4),
+                }
+                key = (report.accuracy, report.loss)
+                improved = key[0] > best_key[0] or (key[0] == best_key[0] and key[1] < best_key[1])
+                if improved:
+                    best_key, best_epoch, stale = key, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_strategy = strategy.state_dict()
+                    if ckpt_dir is not None:
+                        save_checkpoint(
+                            ckpt_dir / "best.safetensors", model, self._meta(epoch, strategy, info)
+                        )
+                else:
+                    stale += 1
+                strategy.on_epoch_end(epoch, report)
+                row.update(strategy.epoch_log())
+                row["best"] = improved
+                history.append(row)
+                if self.run_dir is not None:
+                    write_text_atomic(
+                        self.run_dir / "history.jsonl",
+                        "".join(json.dumps(r) + "\n" for r in history),
+                    )
+                    save_checkpoint(
+                        ckpt_dir / "last.safetensors",
+                        model,
+                        self._meta(epoch, strategy, info),
+                        optimizer,
+                    )
+                if self.on_epoch is not None:
+                    self.on_epoch(row)
+                if progress is not None:
+                    progress.update(
+                        task, advance=1, description=self._describe(epoch, row, best_key[0])
+                    )
+                if tc.patience is not None and stale >= tc.patience:
+                    break
+        train_seconds = time.perf_counter() - started
+
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            strategy.load_state_dict(best_strategy)
+        t2 = time.perf_counter()
+        val_report = self._evaluate(model, strategy, "val", val, prior, device)
+        test_report = self._evaluate(model, strategy, "test", test, prior, device)
+        metrics = {
+            "run": cfg.run_name(),
+            "dataset": info.name,
+            "strategy": strategy.name,
+            "fusion": cfg.model.fusion,
+            "seed": cfg.seed,
+            "modalities": list(info.modality_names),
+            "best_epoch": best_epoch,
+            "epochs_run": len(history) - 1,
+            "train_time_s": round(train_seconds, 3),
+            "final_eval_time_s": round(time.perf_counter() - t2, 3),
+            "inference": _jsonable(strategy.inference_kwargs()),
+            "val": val_report.to_dict(),
+            "test": test_report.to_dict(),
+            "versions": library_versions(),
+        }
+        if self.run_dir is not None:
+            write_json_atomic(self.run_dir / "metrics.json", metrics)
+        return TrainResult(
+            metrics=metrics, run_dir=self.run_dir, history=history, model=model, strategy=strategy
+        )
+
+    # ------------------------------------------------------------------ display
+    def _progress(self) -> Progress | None:
+        if not self.show_progress:
+            return None
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+    def _describe(self, epoch: int, row: dict[str, Any], best: float) -> str:
+        loss = row["train"].get("loss", float("nan"))
+        acc = 100 * row["val"]["accuracy"]
+        text = f"epoch {epoch} loss {loss:.3f} val {acc:.1f}% (best {100 * best:.1f}%)"
+        if "order" in row:
+            text += " order " + ">".join(row["order"])
+        return text
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def load_run(
+    run_dir: str | Path, which: str = "best"
+) -> tuple[RunConfig, MultimodalModel, Strategy, MultimodalData]:
+    """Rebuild a saved run: its config, data (same seed and splits), model and strategy."""
+    from equimodal.config import build_config, load_yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    config = build_config(load_yaml(run_dir / "config.yaml"))
+    data = load_dataset(config.dataset.name, seed=config.seed, **config.dataset.options)
+    model = build_model(config, data.info)
+    path = run_dir / "checkpoints" / f"{which}.safetensors"
+    state, meta, _ = read_checkpoint(path)
+    load_model_state(model, state, str(path))
+    strategy = build_strategy(config.strategy)
+    strategy.setup(
+        TrainContext(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            modalities=data.info.modality_names,
+            num_classes=data.info.num_classes,
+            seed=config.seed,
+        )
+    )
+    strategy.load_state_dict(meta.get("strategy_state", {}))
+    model.eval()
+    return config, model, strategy, data
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run folder that was created by this process and holds no finished run."""
+    if run_dir.exists() and not (run_dir / "metrics.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)

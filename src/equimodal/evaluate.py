@@ -1,0 +1,236 @@
+"""Scoring a model on a split: accuracy, macro-F1, loss, Shapley values and EDM.
+
+Encoders run once per sample (``encode_split``); every coalition of modalities is then
+scored from the cached features, running only the fusion and the head (METHODS §1.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+from equimodal.balance.edm import EDMResult, edm
+from equimodal.balance.shapley import ShapleyResult, shapley_values
+from equimodal.data.base import FeatureSplit
+from equimodal.models.model import MultimodalModel
+
+VALUE_KINDS = ("accuracy", "neg_loss", "true_class_prob")
+
+
+@dataclass
+class FeatureCache:
+    """Projected features ``z_m`` of a whole split, with present masks and labels."""
+
+    z: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@torch.no_grad()
+def encode_split(
+    model: MultimodalModel,
+    split: FeatureSplit,
+    batch_size: int = 2048,
+    device: torch.device | str = "cpu",
+) -> FeatureCache:
+    """Run every encoder once over ``split`` (eval mode) and keep the features."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    for batch in split.batches(batch_size):
+        batch = batch.to(device)
+        for m, z in model.encode(batch).items():
+            parts[m].append(z)
+    model.train(was_training)
+    z = {m: torch.cat(v) for m, v in parts.items()}
+    present = {m: split.present[m].to(device) for m in model.modalities}
+    return FeatureCache(z=z, present=present, labels=split.labels.to(device))
+
+
+@torch.no_grad()
+def predict_logits(
+    model: MultimodalModel,
+    cache: FeatureCache,
+    modalities: Sequence[str] | None = None,
+    orders: Sequence[Sequence[str]] | None = None,
+    weights: Sequence[float] | None = None,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """Logits of the model reading only ``modalities`` from cached features (eval mode)."""
+    was_training = model.training
+    model.eval()
+    n = len(cache)
+    out = []
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        z = {m: v[rows] for m, v in cache.z.items()}
+        p = {m: v[rows] for m, v in cache.present.items()}
+        out.append(model.fuse(z, p, modalities=modalities, orders=orders, weights=weights).logits)
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def value_of_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> float:
+    """The coalition value of predictions: accuracy, negative CE, or mean true-class probability."""
+    if kind == "accuracy":
+        return float((logits.argmax(1) == labels).float().mean())
+    if kind == "neg_loss":
+        return -float(F.cross_entropy(logits, labels))
+    if kind == "true_class_prob":
+        return float(torch.softmax(logits, 1).gather(1, labels[:, None]).mean())
+    raise ValueError(f"unknown value {kind!r}; choose one of {', '.join(VALUE_KINDS)}")
+
+
+def value_of_prior(prior: torch.Tensor, labels: torch.Tensor, kind: str) -> float:
+    """v(empty): the value of predicting from the training class prior alone."""
+    prior = prior.to(labels.device)
+    if kind == "accuracy":
+        return float((labels == int(prior.argmax())).float().mean())
+    if kind == "neg_loss":
+        return float(torch.log(prior.clamp_min(1e-12))[labels].mean())
+    if kind == "true_class_prob":
+        return float(prior[labels].mean())
+    raise ValueError(f"unknown value {kind!r}; choose one of {', '.join(VALUE_KINDS)}")
+
+
+@dataclass
+class SplitReport:
+    """The scores of one model on one split."""
+
+    split: str
+    modalities: tuple[str, ...]
+    num_samples: int
+    accuracy: float
+    macro_f1: float
+    loss: float
+    shapley: ShapleyResult | None = None
+    schedule_shapley: ShapleyResult | None = None
+    edm: EDMResult | None = None
+    value_kind: str = "accuracy"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (Shapley of accuracy per modality, shares, EDM)."""
+        out: dict[str, Any] = {
+            "num_samples": self.num_samples,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "loss": self.loss,
+        }
+        if self.shapley is not None:
+            names = self.modalities
+            out["shapley"] = dict(zip(names, map(float, self.shapley.values), strict=True))
+            if self.shapley.stderr is not None:
+                out["shapley_stderr"] = dict(
+                    zip(names, map(float, self.shapley.stderr), strict=True)
+                )
+            out["shapley_share"] = dict(zip(names, map(float, self.shapley.shares()), strict=True))
+            out["v_all"] = self.shapley.v_all
+            out["v_empty"] = self.shapley.v_empty
+        if self.schedule_shapley is not None and self.value_kind != "accuracy":
+            out[f"shapley_{self.value_kind}"] = dict(
+                zip(self.modalities, map(float, self.schedule_shapley.values), strict=True)
+            )
+        if self.edm is not None:
+            out["edm"] = self.edm.edm
+            out["edm_deviation"] = dict(
+                zip(self.modalities, map(float, self.edm.deviations), strict=True)
+            )
+        return out
+
+
+def evaluate_cache(
+    model: MultimodalModel,
+    cache: FeatureCache,
+    split: str,
+    prior: torch.Tensor,
+    inference: Mapping[str, Any] | None = None,
+    shapley: bool = True,
+    value_kind: str = "accuracy",
+    max_exact: int = 8,
+    permutations: int = 64,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> SplitReport:
+    """Score cached features: metrics of the full model, Shapley values and EDM.
+
+    ``inference`` holds the strategy's ``model.fuse`` arguments (e.g. hybrid orders);
+    ``prior`` the training class frequencies, which give v(empty).
+    """
+    inference = dict(inference or {})
+    names = model.modalities
+    logits = predict_logits(model, cache, **inference, batch_size=batch_size)
+    labels = cache.labels
+    accuracy = value_of_logits(logits, labels, "accuracy")
+    loss = float(F.cross_entropy(logits, labels))
+    macro_f1 = float(
+        f1_score(
+            labels.cpu().numpy(), logits.argmax(1).cpu().numpy(), average="macro", zero_division=0
+        )
+    )
+    report = SplitReport(
+        split=split,
+        modalities=names,
+        num_samples=len(cache),
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        loss=loss,
+        value_kind=value_kind,
+    )
+    if not shapley:
+        return report
+    full = (1 << len(names)) - 1
+    logits_of: dict[int, torch.Tensor] = {full: logits}
+
+    def coalition_logits(mask: int) -> torch.Tensor:
+        if mask not in logits_of:
+            members = [names[i] for i in range(len(names)) if mask >> i & 1]
+            logits_of[mask] = predict_logits(
+                model, cache, modalities=members, **inference, batch_size=batch_size
+            )
+        return logits_of[mask]
+
+    def value_fn(kind: str):
+        def v(mask: int) -> float:
+            if mask == 0:
+                return value_of_prior(prior, labels, kind)
+            return value_of_logits(coalition_logits(mask), labels, kind)
+
+        return v
+
+    options = {"max_exact_players": max_exact, "num_permutations": permutations, "seed": seed}
+    report.shapley = shapley_values(value_fn("accuracy"), len(names), **options)
+    report.schedule_shapley = (
+        report.shapley
+        if value_kind == "accuracy"
+        else shapley_values(value_fn(value_kind), len(names), **options)
+    )
+    report.edm = edm(report.shapley.values)
+    return report
+
+
+def class_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class frequencies of ``labels`` (the training split's prior)."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    return (counts / counts.sum()).float()
+
+
+def modality_shares_text(report: SplitReport) -> str:
+    """'fou 12% | fac 30% | ...' for progress displays."""
+    if report.shapley is None:
+        return ""
+    shares = report.shapley.shares()
+    return " ".join(f"{m} {100 * s:.0f}%" for m, s in zip(report.modalities, shares, strict=True))
+
+
+def numpy_dict(values: Mapping[str, float]) -> dict[str, float]:
+    """Plain floats (for JSON)."""
+    return {k: float(np.asarray(v)) for k, v in values.items()}

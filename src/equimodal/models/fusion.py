@@ -1,0 +1,212 @@
+"""Fusions: how the projected features ``z_m`` become class logits.
+
+Every fusion owns its classifier head and takes ``z`` (a dict over the modalities used
+by this call), ``present`` masks, and (for the memory) the orders to read them in. A
+modality not passed, or absent for a sample, is handled in the fusion's documented way:
+
+* ``concat``: zeros in its block of the concatenation, then a linear head;
+* ``sum``: left out of the sum, then a linear head;
+* ``late``: one linear head per modality, logits = mean of the present heads;
+* ``memory``: skipped in the memory chain (METHODS §1.2), one linear head on the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from equimodal.models.memory import CrossModalMemory
+
+FUSION_NAMES = ("concat", "sum", "late", "memory")
+
+
+@dataclass
+class FusionOutput:
+    """Logits ``(B, C)``, the fused representation, and the fusion's auxiliary losses."""
+
+    logits: torch.Tensor
+    fused: torch.Tensor
+    aux_losses: list[torch.Tensor | None]
+
+
+def _mask(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    return z * present.unsqueeze(1).to(z.dtype)
+
+
+class Fusion(nn.Module):
+    """Base class: ``modalities`` fixes the index of each modality."""
+
+    uses_order = False
+
+    def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.dim = dim
+        self.num_classes = num_classes
+
+    def forward(
+        self,
+        z: dict[str, torch.Tensor],
+        present: dict[str, torch.Tensor],
+        orders: Sequence[Sequence[str]] | None = None,
+        weights: Sequence[float] | None = None,
+        align_loss: bool = False,
+    ) -> FusionOutput:
+        raise NotImplementedError
+
+    def unimodal_logits(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-modality logits, one tensor ``(B, C)`` per modality in ``z``."""
+        raise NotImplementedError
+
+
+class ConcatFusion(Fusion):
+    """Concatenate ``z_m`` in dataset order (zeros for absent) and apply one linear head."""
+
+    def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
+        super().__init__(modalities, dim, num_classes)
+        self.head = nn.Linear(dim * len(self.modalities), num_classes)
+
+    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+        ref = next(iter(z.values()))
+        blocks = [
+            _mask(z[m], present[m]) if m in z else ref.new_zeros(ref.shape[0], self.dim)
+            for m in self.modalities
+        ]
+        fused = torch.cat(blocks, dim=1)
+        return FusionOutput(logits=self.head(fused), fused=fused, aux_losses=[])
+
+    def unimodal_logits(self, z):
+        """``W_m z_m + b / M``: the modality's block of the head (they sum to the logits)."""
+        out = {}
+        share = self.head.bias / len(self.modalities)
+        for k, m in enumerate(self.modalities):
+            if m in z:
+                w = self.head.weight[:, k * self.dim : (k + 1) * self.dim]
+                out[m] = z[m] @ w.T + share
+        return out
+
+
+class SumFusion(Fusion):
+    """Sum the present ``z_m`` and apply one linear head."""
+
+    def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
+        super().__init__(modalities, dim, num_classes)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+        fused = sum(_mask(z[m], present[m]) for m in self.modalities if m in z)
+        return FusionOutput(logits=self.head(fused), fused=fused, aux_losses=[])
+
+    def unimodal_logits(self, z):
+        """``W z_m + b / M`` (they sum to the logits when all are present)."""
+        share = self.head.bias / len(self.modalities)
+        return {m: z[m] @ self.head.weight.T + share for m in self.modalities if m in z}
+
+
+class LateFusion(Fusion):
+    """One linear head per modality; the logits are the mean of the present heads."""
+
+    def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
+        super().__init__(modalities, dim, num_classes)
+        self.heads = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in self.modalities})
+
+    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+        used = [m for m in self.modalities if m in z]
+        ref = z[used[0]]
+        total = ref.new_zeros(ref.shape[0], self.num_classes)
+        count = ref.new_zeros(ref.shape[0], 1)
+        for m in used:
+            p = present[m].unsqueeze(1).to(ref.dtype)
+            total = total + self.heads[m](z[m]) * p
+            count = count + p
+        logits = total / count.clamp(min=1.0)
+        return FusionOutput(logits=logits, fused=logits, aux_losses=[])
+
+    def unimodal_logits(self, z):
+        return {m: self.heads[m](z[m]) for m in self.modalities if m in z}
+
+
+class MemoryFusion(Fusion):
+    """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state."""
+
+    uses_order = True
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        dim: int,
+        num_classes: int,
+        align_stat: bool = True,
+        align_learned: bool = True,
+        stat_momentum: float = 0.9,
+        align_temperature: float = 0.1,
+    ) -> None:
+        super().__init__(modalities, dim, num_classes)
+        self.memory = CrossModalMemory(
+            len(self.modalities),
+            dim,
+            align_stat=align_stat,
+            align_learned=align_learned,
+            stat_momentum=stat_momentum,
+            align_temperature=align_temperature,
+        )
+        self.head = nn.Linear(dim, num_classes)
+        self._index = {m: k for k, m in enumerate(self.modalities)}
+
+    def order_tensor(self, orders: Sequence[Sequence[str]], device: torch.device) -> torch.Tensor:
+        """Orders of modality names as an ``(O, L)`` index tensor (all of one length)."""
+        lengths = {len(o) for o in orders}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"all orders of one call must have the same length, got {sorted(lengths)}"
+            )
+        try:
+            idx = [[self._index[m] for m in order] for order in orders]
+        except KeyError as err:
+            raise KeyError(
+                f"unknown modality {err.args[0]!r}; the model has {list(self.modalities)}"
+            ) from None
+        return torch.tensor(idx, dtype=torch.long, device=device)
+
+    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+        ref = next(iter(z.values()))
+        used = [m for m in self.modalities if m in z]
+        if orders is None:
+            orders = [tuple(used)]
+        stacked = torch.stack(
+            [z[m] if m in z else ref.new_zeros(ref.shape[0], self.dim) for m in self.modalities],
+            dim=1,
+        )
+        mask = torch.stack(
+            [present[m] if m in z else torch.zeros_like(present[used[0]]) for m in self.modalities],
+            dim=1,
+        )
+        order_idx = self.order_tensor(orders, ref.device)
+        w = (
+            None
+            if weights is None
+            else torch.as_tensor(weights, dtype=ref.dtype, device=ref.device)
+        )
+        result = self.memory(stacked, mask, order_idx, weights=w, align_loss=align_loss)
+        return FusionOutput(
+            logits=self.head(result.state), fused=result.state, aux_losses=result.align_losses
+        )
+
+    def unimodal_logits(self, z):
+        """``g(z_m)``: the memory chain of one modality is its feature itself."""
+        return {m: self.head(z[m]) for m in self.modalities if m in z}
+
+
+def build_fusion(
+    name: str, modalities: Sequence[str], dim: int, num_classes: int, **options: object
+) -> Fusion:
+    """Build fusion ``name``; options go to the fusion (only ``memory`` takes any)."""
+    classes = {"concat": ConcatFusion, "sum": SumFusion, "late": LateFusion, "memory": MemoryFusion}
+    if name not in classes:
+        raise ValueError(f"unknown fusion {name!r}; choose one of {', '.join(FUSION_NAMES)}")
+    if options and name != "memory":
+        raise ValueError(f"fusion {name!r} takes no options, got {sorted(options)}")
+    return classes[name](modalities, dim, num_classes, **options)  # type: ignore[arg-type]

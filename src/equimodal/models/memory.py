@@ -1,0 +1,205 @@
+"""The cross-modal memory of METHODS.md §1.2 ("refine and inherit").
+
+The memory reads the modalities of a sample in an order and carries a state ``h`` of
+width ``d`` from one modality to the next:
+
+* step 1: ``h = z[pi_1]``;
+* step k: the memory is mapped into the space of the modality now read
+  (``h_aligned = h C_ij + A_ij(h)``; ``C_ij`` the row-L1-normalised cross-correlation of
+  the standardised features of modality ``i`` (read before) and ``j`` (read now), ``A_ij``
+  a learned map initialised to zero), then an LSTM-inspired cell:
+  ``c = g_f * x + g_i * tanh(W_c h_aligned)``, ``h = g_o * tanh(c)`` with the gates
+  computed from ``[x ; h_aligned]``;
+* sample-level alignment: an InfoNCE loss between ``h_aligned`` and ``x`` over the batch.
+
+A modality absent for a sample is skipped in that sample's chain (an identity step), so the
+same code evaluates missing modalities, coalitions of modalities (Shapley values) and
+several orders at once (orders stacked on the batch axis).
+
+Our choices (METHODS marks them): the statistic ``C`` is computed on the training batch
+without gradient and kept as an exponential moving average for evaluation (identity before
+any training); both ``C`` and ``A`` can be switched off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MemoryResult:
+    """Final memory state per sample (averaged over orders) and the alignment losses."""
+
+    state: torch.Tensor
+    #: one entry per step of the chain (None where no loss was computed)
+    align_losses: list[torch.Tensor | None]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` (row i of each: a positive)."""
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def batch_cross_correlation(zi: torch.Tensor, zj: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Row-L1-normalised ``d x d`` cross-correlation of the standardised ``zi`` and ``zj``."""
+    zi = (zi - zi.mean(0)) / (zi.std(0, unbiased=False) + eps)
+    zj = (zj - zj.mean(0)) / (zj.std(0, unbiased=False) + eps)
+    corr = zi.T @ zj / zi.shape[0]
+    return corr / (corr.abs().sum(dim=1, keepdim=True) + eps)
+
+
+class CrossModalMemory(nn.Module):
+    """The memory chain over ``num_modalities`` modalities of common width ``dim``."""
+
+    def __init__(
+        self,
+        num_modalities: int,
+        dim: int,
+        align_stat: bool = True,
+        align_learned: bool = True,
+        stat_momentum: float = 0.9,
+        align_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_modalities < 1 or dim < 1:
+            raise ValueError(
+                f"memory needs num_modalities >= 1 and dim >= 1, got {num_modalities}, {dim}"
+            )
+        if not 0.0 <= stat_momentum < 1.0:
+            raise ValueError(f"stat_momentum must be in [0, 1), got {stat_momentum}")
+        self.num_modalities = num_modalities
+        self.dim = dim
+        self.align_stat = align_stat
+        self.align_learned = align_learned
+        self.stat_momentum = stat_momentum
+        self.align_temperature = align_temperature
+        self.gates = nn.Linear(2 * dim, 3 * dim)
+        self.candidate = nn.Linear(dim, dim)
+        m = num_modalities
+        if align_learned:
+            # A_ij(h) = h @ map_weight[i, j] + map_bias[i, j]; zero start = no learned shift.
+            self.map_weight = nn.Parameter(torch.zeros(m, m, dim, dim))
+            self.map_bias = nn.Parameter(torch.zeros(m, m, dim))
+        eye = torch.eye(dim).expand(m, m, dim, dim).clone()
+        self.register_buffer("corr_ema", eye)
+
+    # ----------------------------------------------------------------- alignment
+    def _pair_matrix(
+        self, i: int, j: int, z: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The matrix and bias that map the memory from modality ``i`` into ``j``."""
+        matrix = None
+        if self.align_stat:
+            both = present[:, i] & present[:, j]
+            if self.training and int(both.sum()) >= 2:
+                with torch.no_grad():
+                    corr = batch_cross_correlation(z[both, i].detach(), z[both, j].detach())
+                    ema = self.corr_ema[i, j]
+                    ema.mul_(self.stat_momentum).add_(corr, alpha=1.0 - self.stat_momentum)
+                matrix = corr
+            else:
+                matrix = self.corr_ema[i, j]
+        bias = None
+        if self.align_learned:
+            learned = self.map_weight[i, j]
+            matrix = learned if matrix is None else matrix + learned
+            bias = self.map_bias[i, j]
+        return matrix, bias
+
+    def _align(
+        self,
+        h: torch.Tensor,
+        pair: torch.Tensor,
+        active: torch.Tensor,
+        z: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """``h_aligned`` for the rows in ``active``; ``pair = i * M + j`` per row."""
+        if not (self.align_stat or self.align_learned):
+            return h
+        m = self.num_modalities
+        pairs = torch.unique(pair[active]).tolist()
+        if len(pairs) == 1 and bool(active.all()):
+            matrix, bias = self._pair_matrix(pairs[0] // m, pairs[0] % m, z, present)
+            out = h @ matrix
+            return out + bias if bias is not None else out
+        out = torch.zeros_like(h)
+        for p in pairs:
+            rows = torch.nonzero(active & (pair == p)).squeeze(1)
+            matrix, bias = self._pair_matrix(p // m, p % m, z, present)
+            value = h.index_select(0, rows) @ matrix
+            if bias is not None:
+                value = value + bias
+            out = out.index_put((rows,), value)
+        return out
+
+    def cell(self, x: torch.Tensor, h_aligned: torch.Tensor) -> torch.Tensor:
+        """The LSTM-inspired update from the modality read now and the aligned memory."""
+        gates = torch.sigmoid(self.gates(torch.cat([x, h_aligned], dim=-1)))
+        forget, inp, out = gates.chunk(3, dim=-1)
+        c = forget * x + inp * torch.tanh(self.candidate(h_aligned))
+        return out * torch.tanh(c)
+
+    # ----------------------------------------------------------------- chain
+    def forward(
+        self,
+        z: torch.Tensor,
+        present: torch.Tensor,
+        orders: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        align_loss: bool = False,
+    ) -> MemoryResult:
+        """Run the chain.
+
+        ``z``: ``(B, M, d)`` projected features in modality-index order; ``present``:
+        ``(B, M)`` bool; ``orders``: ``(O, L)`` modality indices, ``L <= M`` (a modality
+        left out of an order is not read); ``weights``: ``(O,)`` weights of the orders
+        (uniform when None). Returns the weighted mean over orders of the final state,
+        ``(B, d)``, and, when ``align_loss``, the InfoNCE loss of each step that updated
+        at least two samples (one entry per step, None elsewhere).
+        """
+        b, m, d = z.shape
+        if orders.dim() != 2 or orders.shape[1] == 0:
+            raise ValueError(
+                f"orders must have shape (O, L) with L >= 1, got {tuple(orders.shape)}"
+            )
+        num_orders, length = orders.shape
+        rows = num_orders * b
+        h = z.new_zeros(rows, d)
+        prev = torch.full((rows,), -1, dtype=torch.long, device=z.device)
+        losses: list[torch.Tensor | None] = []
+        for k in range(length):
+            step_mod = orders[:, k]
+            x = z.index_select(1, step_mod).transpose(0, 1).reshape(rows, d)
+            here = present.index_select(1, step_mod).transpose(0, 1).reshape(rows)
+            j = step_mod.repeat_interleave(b)
+            update = here & (prev >= 0)
+            step_loss = None
+            if bool(update.any()):
+                pair = prev.clamp(min=0) * m + j
+                h_aligned = self._align(h, pair, update, z, present)
+                h_next = self.cell(x, h_aligned)
+                h = torch.where(update.unsqueeze(1), h_next, h)
+                if align_loss and int(update.sum()) >= 2:
+                    step_loss = info_nce(h_aligned[update], x[update], self.align_temperature)
+            losses.append(step_loss)
+            first = here & (prev < 0)
+            h = torch.where(first.unsqueeze(1), x, h)
+            prev = torch.where(here, j, prev)
+        h = h.reshape(num_orders, b, d)
+        if num_orders == 1:
+            return MemoryResult(state=h[0], align_losses=losses)
+        if weights is None:
+            state = h.mean(0)
+        else:
+            w = weights.to(h.dtype) / weights.sum()
+            state = torch.einsum("o,obd->bd", w, h)
+        return MemoryResult(state=state, align_losses=losses)

@@ -1,0 +1,176 @@
+"""MultimodalModel = per-modality encoders + projections to a common width + fusion."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from equimodal.data.base import ModalitySpec
+from equimodal.data.batch import MultimodalBatch
+from equimodal.models.encoders import build_encoder
+from equimodal.models.fusion import Fusion, FusionOutput, build_fusion
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    ``logits`` ``(B, C)``; ``unimodal_logits`` per modality (when asked for);
+    ``features`` the projected ``z_m`` per modality; ``aux_losses`` the fusion's auxiliary
+    losses (the memory's alignment losses).
+    """
+
+    logits: torch.Tensor
+    unimodal_logits: dict[str, torch.Tensor] | None
+    features: dict[str, torch.Tensor]
+    aux_losses: list[torch.Tensor | None]
+
+
+def induce_orders(
+    orders: Iterable[Sequence[str]], subset: Iterable[str]
+) -> tuple[list[tuple[str, ...]], list[float]]:
+    """Orders restricted to ``subset``, de-duplicated, with their multiplicities as weights.
+
+    Averaging the memory state over ``orders`` while reading only ``subset`` equals the
+    weighted average over the induced orders, at a fraction of the cost.
+    """
+    keep = set(subset)
+    counts = Counter(tuple(m for m in order if m in keep) for order in orders)
+    counts.pop((), None)
+    induced = list(counts)
+    return induced, [float(counts[o]) for o in induced]
+
+
+class Projection(nn.Module):
+    """``z = LayerNorm(W f + b)``: an encoder feature mapped to the common width (METHODS §1.1)."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(f))
+
+
+class MultimodalModel(nn.Module):
+    """Encoders, projections and a fusion; runs on any subset and any order of modalities."""
+
+    def __init__(
+        self,
+        specs: Sequence[ModalitySpec],
+        num_classes: int,
+        dim: int = 128,
+        fusion: str = "concat",
+        encoders: Mapping[str, tuple[str, Mapping[str, object]]] | None = None,
+        fusion_options: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(specs) < 1:
+            raise ValueError("a model needs at least one modality")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.specs = tuple(specs)
+        self.modalities = tuple(s.name for s in specs)
+        self.num_classes = num_classes
+        self.dim = dim
+        encoders = dict(encoders or {})
+        self.encoders = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        for spec in self.specs:
+            kind, options = encoders.get(spec.name, ("mlp", {}))
+            encoder = build_encoder(spec, kind, **dict(options))
+            self.encoders[spec.name] = encoder
+            self.projections[spec.name] = Projection(encoder.out_dim, dim)
+        self.fusion_name = fusion
+        self.fusion: Fusion = build_fusion(
+            fusion, self.modalities, dim, num_classes, **dict(fusion_options or {})
+        )
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """Parameters of the encoder and projection of one modality."""
+        return [*self.encoders[modality].parameters(), *self.projections[modality].parameters()]
+
+    def encode_modality(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """``z_m`` of one modality's input."""
+        return self.projections[modality](self.encoders[modality](x))
+
+    def encode(
+        self, batch: MultimodalBatch, modalities: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Projected features ``z_m`` of the named modalities (all by default)."""
+        names = self._check(modalities)
+        return {m: self.encode_modality(m, batch.inputs[m]) for m in names}
+
+    def fuse(
+        self,
+        z: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor],
+        modalities: Sequence[str] | None = None,
+        orders: Sequence[Sequence[str]] | None = None,
+        weights: Sequence[float] | None = None,
+        align_loss: bool = False,
+    ) -> FusionOutput:
+        """Fuse precomputed features, reading only ``modalities`` (all by default).
+
+        For an order-dependent fusion, ``orders`` (over all or some modalities) are
+        restricted to ``modalities`` and the state is averaged over them.
+        """
+        names = self._check(
+            modalities if modalities is not None else [m for m in self.modalities if m in z]
+        )
+        if not names:
+            raise ValueError("fuse needs at least one modality")
+        zs = {m: z[m] for m in names}
+        ps = {m: present[m] for m in names}
+        if self.fusion.uses_order:
+            if orders is None:
+                orders, weights = [tuple(names)], None
+            else:
+                base_weights = weights
+                if base_weights is not None:
+                    # multiplicities combine with the given weights
+                    bucket: dict[tuple[str, ...], float] = {}
+                    for order, w in zip(orders, base_weights, strict=True):
+                        key = tuple(m for m in order if m in zs)
+                        bucket[key] = bucket.get(key, 0.0) + float(w)
+                    bucket.pop((), None)
+                    orders, weights = list(bucket), list(bucket.values())
+                else:
+                    orders, weights = induce_orders(orders, names)
+                if len(orders) == 1:
+                    weights = None
+        return self.fusion(zs, ps, orders=orders, weights=weights, align_loss=align_loss)
+
+    def forward(
+        self,
+        batch: MultimodalBatch,
+        modalities: Sequence[str] | None = None,
+        orders: Sequence[Sequence[str]] | None = None,
+        with_unimodal: bool = False,
+        align_loss: bool = False,
+    ) -> ModelOutput:
+        """Encode and fuse a batch; see :meth:`fuse` for ``modalities`` and ``orders``."""
+        z = self.encode(batch, modalities)
+        out = self.fuse(z, batch.present, modalities=list(z), orders=orders, align_loss=align_loss)
+        unimodal = self.fusion.unimodal_logits(z) if with_unimodal else None
+        return ModelOutput(
+            logits=out.logits, unimodal_logits=unimodal, features=z, aux_losses=out.aux_losses
+        )
+
+    def _check(self, modalities: Sequence[str] | None) -> list[str]:
+        if modalities is None:
+            return list(self.modalities)
+        unknown = [m for m in modalities if m not in self.modalities]
+        if unknown:
+            raise KeyError(
+                f"unknown modality {unknown[0]!r}; the model has {list(self.modalities)}"
+            )
+        # keep dataset order for order-free fusions; the memory reads `orders` anyway
+        return [m for m in self.modalities if m in set(modalities)]
