@@ -61,6 +61,10 @@ class MemoryConfig(Section):
     align_learned: bool = True
     stat_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     align_temperature: float = Field(0.1, gt=0.0)
+    #: which correlation statistic training uses: this batch's, or the moving average
+    train_stat: Literal["batch", "ema"] = "ema"
+    gate_bias: float = 1.0
+    candidate_init: Literal["identity", "default"] = "identity"
 
 
 class ModelConfig(Section):

@@ -143,6 +143,9 @@ class MemoryFusion(Fusion):
         align_learned: bool = True,
         stat_momentum: float = 0.9,
         align_temperature: float = 0.1,
+        train_stat: str = "ema",
+        gate_bias: float = 1.0,
+        candidate_init: str = "identity",
     ) -> None:
         super().__init__(modalities, dim, num_classes)
         self.memory = CrossModalMemory(
@@ -152,6 +155,9 @@ class MemoryFusion(Fusion):
             align_learned=align_learned,
             stat_momentum=stat_momentum,
             align_temperature=align_temperature,
+            train_stat=train_stat,
+            gate_bias=gate_bias,
+            candidate_init=candidate_init,
         )
         self.head = nn.Linear(dim, num_classes)
         self._index = {m: k for k, m in enumerate(self.modalities)}

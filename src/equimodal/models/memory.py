@@ -67,8 +67,17 @@ class CrossModalMemory(nn.Module):
         align_learned: bool = True,
         stat_momentum: float = 0.9,
         align_temperature: float = 0.1,
+        train_stat: str = "ema",
+        gate_bias: float = 1.0,
+        candidate_init: str = "identity",
     ) -> None:
         super().__init__()
+        if train_stat not in ("batch", "ema"):
+            raise ValueError(f"train_stat must be 'batch' or 'ema', got {train_stat!r}")
+        if candidate_init not in ("identity", "default"):
+            raise ValueError(
+                f"candidate_init must be 'identity' or 'default', got {candidate_init!r}"
+            )
         if num_modalities < 1 or dim < 1:
             raise ValueError(
                 f"memory needs num_modalities >= 1 and dim >= 1, got {num_modalities}, {dim}"
@@ -81,8 +90,17 @@ class CrossModalMemory(nn.Module):
         self.align_learned = align_learned
         self.stat_momentum = stat_momentum
         self.align_temperature = align_temperature
+        self.train_stat = train_stat
         self.gates = nn.Linear(2 * dim, 3 * dim)
         self.candidate = nn.Linear(dim, dim)
+        # Initialisation (our choice): open gates and an identity candidate map let the
+        # memory pass what earlier modalities carried from the first step on; with
+        # PyTorch's default init each step attenuates it about tenfold.
+        with torch.no_grad():
+            self.gates.bias.fill_(gate_bias)
+            if candidate_init == "identity":
+                self.candidate.weight.copy_(torch.eye(dim))
+                self.candidate.bias.zero_()
         m = num_modalities
         if align_learned:
             # A_ij(h) = h @ map_weight[i, j] + map_bias[i, j]; zero start = no learned shift.
@@ -104,7 +122,7 @@ class CrossModalMemory(nn.Module):
                     corr = batch_cross_correlation(z[both, i].detach(), z[both, j].detach())
                     ema = self.corr_ema[i, j]
                     ema.mul_(self.stat_momentum).add_(corr, alpha=1.0 - self.stat_momentum)
-                matrix = corr
+                matrix = corr if self.train_stat == "batch" else self.corr_ema[i, j].clone()
             else:
                 matrix = self.corr_ema[i, j]
         bias = None
