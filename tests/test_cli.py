@@ -83,3 +83,29 @@ def test_datasets_and_strategies_listing():
     result = invoke("strategies")
     assert result.exit_code == 0
     assert "shapley_alternating" in result.output and "joint" in result.output
+
+
+def test_report_summarises_seeds_and_draws_plots(tmp_path):
+    sets = [x for o in small_overrides(epochs=2) for x in ("--set", o)]
+    for seed in (0, 1):
+        result = invoke("train", "--out", str(tmp_path), "--seed", str(seed), "-q", *sets)
+        assert result.exit_code == 0, result.output
+    out_csv = tmp_path / "summary.csv"
+    result = invoke("report", str(tmp_path), "--out", str(out_csv), "--plots")
+    assert result.exit_code == 0, result.output
+    assert "| synthetic | shapley_alternating | memory | 2 |" in result.output
+    header, row = out_csv.read_text().splitlines()[:2]
+    assert header.startswith("dataset,strategy,fusion,n_seeds,accuracy_mean")
+    import json
+
+    accs = [
+        json.loads((tmp_path / f"synthetic-shapley_alternating-s{s}" / "metrics.json").read_text())[
+            "test"
+        ]["accuracy"]
+        for s in (0, 1)
+    ]
+    assert float(row.split(",")[4]) == pytest.approx(sum(accs) / 2)
+    for name in ("curves.png", "shapley.png", "edm.png"):
+        assert (tmp_path / "synthetic-shapley_alternating-s0" / name).stat().st_size > 1000
+    empty = invoke("report", str(tmp_path / "nothing"))
+    assert empty.exit_code == 2

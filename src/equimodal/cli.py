@@ -260,6 +260,44 @@ def _subset_report(model, strategy, cache, subset):
 
 
 @app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run folder, or a folder of run folders.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the summary here (.md or .csv).")
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="Draw each run's plots into its folder.")] = False,
+) -> None:
+    """Summarise finished runs: mean ± std over seeds per (dataset, strategy, fusion)."""
+    from equimodal.report import (
+        find_runs,
+        load_metrics,
+        plot_run,
+        summarize,
+        summary_csv,
+        summary_markdown,
+    )
+
+    try:
+        runs = find_runs(path)
+        if not runs:
+            raise FileNotFoundError(f"no finished run (metrics.json) under {str(path)!r}")
+        rows = summarize([load_metrics(r) for r in runs])
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    text = summary_markdown(rows)
+    out.print(text, highlight=False, markup=False)
+    if out_file is not None:
+        from equimodal.engine.files import write_text_atomic
+
+        write_text_atomic(out_file, summary_csv(rows) if out_file.suffix == ".csv" else text)
+    if plots:
+        for r in runs:
+            for p in plot_run(r):
+                out.print(f"wrote {p}", highlight=False)
+
+
+@app.command()
 def datasets() -> None:
     """List the datasets: modalities with dimensions, classes, samples, source and licence."""
     from equimodal.data.registry import dataset_names, get_entry

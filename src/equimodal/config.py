@@ -109,6 +109,9 @@ class TrainConfig(Section):
     shapley: ShapleyConfig = Field(default_factory=ShapleyConfig)
 
 
+DEFAULT_STRATEGY = "shapley_alternating"
+
+
 class StrategyConfig(Section):
     """Base of every strategy's options; ``name`` selects the strategy."""
 
@@ -123,7 +126,7 @@ class RunConfig(Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: SerializeAsAny[StrategyConfig] = Field(
-        default_factory=lambda: _strategy_config({"name": "shapley_alternating"})
+        default_factory=lambda: _strategy_config({"name": DEFAULT_STRATEGY})
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -137,7 +140,7 @@ class RunConfig(Section):
             value = {"name": value}
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping with a 'name', got {type(value).__name__}")
-        return _strategy_config(value)
+        return _strategy_config({"name": DEFAULT_STRATEGY, **value})
 
     @model_validator(mode="after")
     def _resolve_fusion(self) -> RunConfig:
@@ -215,7 +218,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str
         and not isinstance(first["input"], dict)
     ):
         extra = f" (got {first['input']!r})"
-    return f"{path}: {msg}{extra}"
+    return f"{msg}{extra}" if not loc else f"{path}: {msg}{extra}"
 
 
 # --------------------------------------------------------------------------- building
