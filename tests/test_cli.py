@@ -76,11 +76,12 @@ def test_second_run_gets_a_new_folder(tmp_path):
 
 
 def test_datasets_and_strategies_listing():
-    result = invoke("datasets")
+    wide = {"COLUMNS": "250"}
+    result = runner.invoke(app, ["datasets"], env=wide)
     assert result.exit_code == 0
     for word in ("mfeat", "htad", "synthetic", "CC BY 4.0"):
         assert word in result.output
-    result = invoke("strategies")
+    result = runner.invoke(app, ["strategies"], env=wide)
     assert result.exit_code == 0
     assert "shapley_alternating" in result.output and "joint" in result.output
 

@@ -35,11 +35,11 @@ class JointStrategy(Strategy):
         rows = _any_present(batch)
         ce = masked_cross_entropy(out.logits, batch.labels, rows)
         loss = ce
-        logs = {"loss": float(ce)}
+        logs = {"loss": float(ce.detach())}
         if use_align:
             align = mean_or_zero(out.aux_losses, out.logits)
             loss = ce + self.config.align_weight * align
-            logs["align"] = float(align)
+            logs["align"] = float(align.detach())
         ctx.optimizer_step(loss)
         return logs
 

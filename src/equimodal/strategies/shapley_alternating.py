@@ -98,10 +98,10 @@ class ShapleyAlternatingStrategy(Strategy):
         for m in prefix:
             rows |= batch.present[m]
         loss = masked_cross_entropy(out.logits, batch.labels, rows)
-        logs[f"loss_{key}"] = float(loss)
+        logs[f"loss_{key}"] = float(loss.detach())
         last_align = out.aux_losses[-1] if out.aux_losses else None
         if weight > 0 and last_align is not None:
-            logs[f"align_{key}"] = float(last_align)
+            logs[f"align_{key}"] = float(last_align.detach())
             loss = loss + weight * last_align
         return loss
 
