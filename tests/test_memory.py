@@ -147,3 +147,14 @@ def test_unknown_modality_is_named():
     model = make_model()
     with pytest.raises(KeyError, match="'zz'"):
         model.fuse(features(), all_present(), modalities=["zz"])
+
+
+def test_blocked_evaluation_path_equals_the_per_pair_path():
+    model = make_model()
+    z = features(b=5)
+    orders = list(itertools.permutations(NAMES))
+    fast = model.fuse(z, all_present(5), orders=orders).fused  # all present: batched path
+    present = all_present(5)
+    present["c"] = torch.tensor([True, True, True, True, False])  # forces the per-pair path
+    slow = model.fuse(z, present, orders=orders).fused
+    torch.testing.assert_close(fast[:4], slow[:4])

@@ -159,6 +159,24 @@ class CrossModalMemory(nn.Module):
             out = out.index_put((rows,), value)
         return out
 
+    def _align_blocks(
+        self, h: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, block: int
+    ) -> torch.Tensor:
+        """Evaluation fast path: one pair per order block, all blocks in one batched matmul."""
+        if not (self.align_stat or self.align_learned):
+            return h
+        d = self.dim
+        matrix = None
+        if self.align_stat:
+            matrix = self.corr_ema[prev, cur]
+        if self.align_learned:
+            learned = self.map_weight[prev, cur]
+            matrix = learned if matrix is None else matrix + learned
+        out = torch.bmm(h.view(-1, block, d), matrix)
+        if self.align_learned:
+            out = out + self.map_bias[prev, cur].unsqueeze(1)
+        return out.reshape(-1, d)
+
     def cell(self, x: torch.Tensor, h_aligned: torch.Tensor) -> torch.Tensor:
         """The LSTM-inspired update from the modality read now and the aligned memory."""
         gates = torch.sigmoid(self.gates(torch.cat([x, h_aligned], dim=-1)))
@@ -194,6 +212,13 @@ class CrossModalMemory(nn.Module):
         h = z.new_zeros(rows, d)
         prev = torch.full((rows,), -1, dtype=torch.long, device=z.device)
         losses: list[torch.Tensor | None] = []
+        # With every modality present, each order block reads one pair per step: evaluation
+        # then aligns all blocks at once instead of looping over pairs.
+        blocked = (
+            not self.training
+            and num_orders > 1
+            and bool(present.index_select(1, torch.unique(orders)).all())
+        )
         for k in range(length):
             step_mod = orders[:, k]
             x = z.index_select(1, step_mod).transpose(0, 1).reshape(rows, d)
@@ -202,8 +227,11 @@ class CrossModalMemory(nn.Module):
             update = here & (prev >= 0)
             step_loss = None
             if bool(update.any()):
-                pair = prev.clamp(min=0) * m + j
-                h_aligned = self._align(h, pair, update, z, present)
+                if blocked:
+                    h_aligned = self._align_blocks(h, orders[:, k - 1], step_mod, b)
+                else:
+                    pair = prev.clamp(min=0) * m + j
+                    h_aligned = self._align(h, pair, update, z, present)
                 h_next = self.cell(x, h_aligned)
                 h = torch.where(update.unsqueeze(1), h_next, h)
                 if align_loss and int(update.sum()) >= 2:
