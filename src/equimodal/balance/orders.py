@@ -1,4 +1,8 @@
-"""Modality orders: ranking for the alternating schedule and order sets for inference."""
+"""Modality orders: ranking for the alternating schedule (METHODS §1.4) and order sets for
+hybrid-order inference (METHODS §1.5).
+
+An order is a tuple of modality indices ``0..M-1``, first-read modality first.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,24 @@ import numpy as np
 Order = tuple[int, ...]
 
 
+def _check_permutation(order: Sequence[int], num_modalities: int) -> Order:
+    out = tuple(int(i) for i in order)
+    if sorted(out) != list(range(num_modalities)):
+        raise ValueError(f"an order must be a permutation of 0..{num_modalities - 1}, got {out}")
+    return out
+
+
 def all_orders(num_modalities: int) -> list[Order]:
-    """All ``M!`` orders, lexicographic."""
+    """All ``M!`` orders of ``0..M-1``, lexicographic."""
+    if num_modalities < 1:
+        raise ValueError(f"need at least one modality, got {num_modalities}")
     return list(itertools.permutations(range(num_modalities)))
 
 
 def cyclic_shifts(order: Sequence[int]) -> list[Order]:
-    """The M cyclic shifts of ``order``: each modality once in each position (a Latin square)."""
-    order = tuple(order)
+    """The M cyclic shifts of ``order`` (shift 0 first): each modality once in each position,
+    i.e. the rows of a Latin square."""
+    order = tuple(int(i) for i in order)
     return [order[k:] + order[:k] for k in range(len(order))]
 
 
@@ -30,22 +44,27 @@ def hybrid_order_set(
 ) -> list[Order]:
     """Orders for hybrid-order inference (METHODS §1.5).
 
-    All ``M!`` orders while ``M! <= max_orders``; otherwise the M cyclic shifts of
-    ``base_order`` (identity by default) plus distinct seeded random orders up to
-    ``max_orders`` (our choice). Deterministic for a seed.
+    All ``M!`` orders (lexicographic) while ``M! <= max_orders``. Otherwise [our choice]:
+    the M cyclic shifts of ``base_order`` (identity by default) followed by distinct random
+    orders drawn with ``np.random.default_rng(seed)`` up to ``max_orders`` in total; when
+    ``max_orders < M`` only the first ``max_orders`` shifts. Never repeats an order;
+    deterministic for a seed.
     """
     if num_modalities < 1:
         raise ValueError(f"need at least one modality, got {num_modalities}")
     if max_orders < 1:
         raise ValueError(f"max_orders must be positive, got {max_orders}")
+    base = (
+        tuple(range(num_modalities))
+        if base_order is None
+        else _check_permutation(base_order, num_modalities)
+    )
     if math.factorial(num_modalities) <= max_orders:
         return all_orders(num_modalities)
-    base = tuple(range(num_modalities)) if base_order is None else tuple(int(i) for i in base_order)
-    if sorted(base) != list(range(num_modalities)):
-        raise ValueError(f"base_order must be a permutation of 0..{num_modalities - 1}, got {base}")
     chosen = cyclic_shifts(base)[:max_orders]
     seen = set(chosen)
     rng = np.random.default_rng(seed)
+    # M! > max_orders here, so enough distinct orders exist and the loop ends
     while len(chosen) < max_orders:
         order = tuple(int(i) for i in rng.permutation(num_modalities))
         if order not in seen:
@@ -54,7 +73,19 @@ def hybrid_order_set(
     return chosen
 
 
-def order_from_scores(scores: Sequence[float] | np.ndarray) -> Order:
-    """Indices by ascending score (weakest first); ties keep the lower index first."""
-    scores = np.asarray(scores, dtype=float)
-    return tuple(int(i) for i in np.argsort(scores, kind="stable"))
+def order_from_scores(
+    scores: Sequence[float] | np.ndarray, names: Sequence[str] | None = None
+) -> Order:
+    """Modality indices by ascending score (weakest first); ties keep the lower index first.
+
+    ``names``, when given, must have one entry per score (checked only; the result is
+    always indices). Scores must be finite.
+    """
+    values = np.asarray(scores, dtype=float)
+    if values.ndim != 1 or values.size < 1:
+        raise ValueError(f"need a 1-D array of scores, got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("scores must be finite")
+    if names is not None and len(names) != values.size:
+        raise ValueError(f"need one name per score: got {len(names)} for {values.size}")
+    return tuple(int(i) for i in np.argsort(values, kind="stable"))

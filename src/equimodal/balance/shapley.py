@@ -1,4 +1,4 @@
-"""Shapley values of modalities (players) for a coalition value function.
+"""Shapley values of modalities (players) for a coalition value function (METHODS §1.4).
 
 Coalitions are bitmasks over players ``0..M-1`` (bit ``i`` set: player ``i`` is in). The
 value function is called once per distinct coalition; the model side (``equimodal.
@@ -10,6 +10,8 @@ evaluate``) makes each call cheap by reusing cached encoder features.
   followed by its reverse (antithetic pairs, our choice), and reports a standard error.
   Every permutation's contributions sum to ``v(all) - v(empty)``, so efficiency holds
   exactly for the estimate too.
+* :func:`shapley_values` picks exact enumeration up to ``max_exact_players`` (default 8)
+  and sampling above.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 
 ValueFn = Callable[[int], float]
-MAX_PLAYERS = 20
+MAX_EXACT_PLAYERS = 20
 
 
 @dataclass(frozen=True)
 class ShapleyResult:
-    """Shapley values with their standard errors (None when exact)."""
+    """Shapley values of ``M`` players.
+
+    ``values`` has shape ``(M,)``; ``stderr`` is the standard error of each value (``None``
+    when exact); ``v_all`` / ``v_empty`` are the values of the grand and empty coalitions;
+    ``evaluations`` is the number of distinct coalitions evaluated.
+    """
 
     values: np.ndarray
     stderr: np.ndarray | None
@@ -35,61 +42,92 @@ class ShapleyResult:
     exact: bool
     evaluations: int
 
+    @property
+    def num_players(self) -> int:
+        """Number of players ``M``."""
+        return int(self.values.shape[0])
+
     def shares(self) -> np.ndarray:
         """Contribution shares ``max(phi, 0) / sum max(phi, 0)`` (uniform when all <= 0)."""
-        pos = np.clip(self.values, 0.0, None)
+        pos = np.clip(np.asarray(self.values, dtype=float), 0.0, None)
         total = pos.sum()
         if total <= 0:
-            return np.full(len(pos), 1.0 / len(pos))
+            return np.full(pos.shape[0], 1.0 / pos.shape[0])
         return pos / total
 
 
 def coalition_members(mask: int, num_players: int) -> tuple[int, ...]:
-    """Players in coalition ``mask``."""
+    """Players in coalition ``mask``, ascending."""
+    if mask < 0 or mask >> num_players:
+        raise ValueError(f"mask {mask} is not a coalition of {num_players} players")
     return tuple(i for i in range(num_players) if mask >> i & 1)
 
 
 def all_coalitions(num_players: int) -> list[int]:
     """Every coalition of ``num_players`` players, as bitmasks ``0 .. 2^M - 1``."""
+    if num_players < 0:
+        raise ValueError(f"num_players must be non-negative, got {num_players}")
     return list(range(1 << num_players))
 
 
-def _check_players(num_players: int) -> None:
-    if not 1 <= num_players <= MAX_PLAYERS:
-        raise ValueError(f"num_players must be between 1 and {MAX_PLAYERS}, got {num_players}")
+def _check_exact_players(num_players: int) -> None:
+    if not 1 <= num_players <= MAX_EXACT_PLAYERS:
+        raise ValueError(
+            f"num_players must be between 1 and {MAX_EXACT_PLAYERS} for exact Shapley values, "
+            f"got {num_players}"
+        )
+
+
+def _popcount(masks: np.ndarray, num_players: int) -> np.ndarray:
+    """Number of set bits of each mask."""
+    sizes = np.zeros(masks.shape, dtype=np.int64)
+    for i in range(num_players):
+        sizes += (masks >> i) & 1
+    return sizes
+
+
+def _size_weights(num_players: int) -> np.ndarray:
+    """``w[k] = k! (M-k-1)! / M! = 1 / (M * C(M-1, k))`` for ``k = 0 .. M-1``."""
+    return np.array(
+        [1.0 / (num_players * math.comb(num_players - 1, k)) for k in range(num_players)]
+    )
 
 
 def exact_shapley_from_table(values: np.ndarray) -> ShapleyResult:
-    """Exact Shapley values from a table of coalition values indexed by bitmask."""
-    values = np.asarray(values, dtype=float)
-    size = values.shape[0]
+    """Exact Shapley values from a table of ``2^M`` coalition values indexed by bitmask."""
+    table = np.asarray(values, dtype=float)
+    if table.ndim != 1:
+        raise ValueError(f"a value table must be 1-D, got shape {table.shape}")
+    size = table.shape[0]
     num_players = size.bit_length() - 1
     if size < 2 or 1 << num_players != size:
-        raise ValueError(f"a value table must have 2^M entries, got {size}")
-    masks = np.arange(size)
-    sizes = np.array([bin(m).count("1") for m in masks])
-    fact = [math.factorial(k) for k in range(num_players + 1)]
-    total = fact[num_players]
-    phi = np.zeros(num_players)
+        raise ValueError(f"a value table must have 2^M entries (M >= 1), got {size}")
+    _check_exact_players(num_players)
+    masks = np.arange(size, dtype=np.int64)
+    # weight |S|! (M-|S|-1)! / M! of each coalition S by its size; the grand coalition
+    # (size M) never plays the role of S, so its weight is unused
+    by_size = np.append(_size_weights(num_players), 0.0)
+    coalition_weight = by_size[_popcount(masks, num_players)]
+    phi = np.empty(num_players)
     for i in range(num_players):
-        without = masks[(masks >> i & 1) == 0]
-        s = sizes[without]
-        weights = np.array([fact[k] * fact[num_players - k - 1] / total for k in s])
-        phi[i] = float(np.dot(weights, values[without | (1 << i)] - values[without]))
+        bit = 1 << i
+        without = masks[(masks & bit) == 0]  # the 2^(M-1) coalitions without player i
+        gains = table[without | bit] - table[without]
+        phi[i] = float(np.dot(coalition_weight[without], gains))
     return ShapleyResult(
         values=phi,
         stderr=None,
-        v_all=float(values[-1]),
-        v_empty=float(values[0]),
+        v_all=float(table[-1]),
+        v_empty=float(table[0]),
         exact=True,
         evaluations=size,
     )
 
 
 def exact_shapley(value_fn: ValueFn, num_players: int) -> ShapleyResult:
-    """Exact Shapley values; ``value_fn`` is called exactly once per coalition (2^M calls)."""
-    _check_players(num_players)
-    table = np.array([value_fn(mask) for mask in all_coalitions(num_players)], dtype=float)
+    """Exact Shapley values; ``value_fn(mask)`` is called exactly once per coalition."""
+    _check_exact_players(num_players)
+    table = np.array([float(value_fn(mask)) for mask in all_coalitions(num_players)])
     return exact_shapley_from_table(table)
 
 
@@ -100,13 +138,17 @@ def sampled_shapley(
     rng: np.random.Generator,
     antithetic: bool = True,
 ) -> ShapleyResult:
-    """Permutation-sampling estimate with standard errors.
+    """Permutation-sampling estimate of the Shapley values, with standard errors.
 
-    With ``antithetic`` each sampled permutation is followed by its reverse and the pair's
-    mean counts as one sample for the standard error. Coalition values are cached, so
-    ``evaluations`` counts distinct coalitions.
+    ``num_permutations`` permutations are drawn from ``rng``; with ``antithetic`` each is
+    followed by its reverse and the pair's mean counts as one sample for the standard error
+    (so ``2 * num_permutations`` orders are walked). ``stderr`` is the sample standard
+    deviation (ddof 1) of the per-sample marginal contributions over ``sqrt(n)``; it is
+    ``inf`` when there is a single sample. Coalition values are cached by mask, so
+    ``evaluations`` counts distinct coalitions (at most ``2^M``).
     """
-    _check_players(num_players)
+    if num_players < 1:
+        raise ValueError(f"num_players must be at least 1, got {num_players}")
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be positive, got {num_permutations}")
     cache: dict[int, float] = {}
@@ -127,19 +169,20 @@ def sampled_shapley(
             previous = current
         return out
 
-    samples = []
-    for _ in range(num_permutations):
+    samples = np.empty((num_permutations, num_players))
+    for k in range(num_permutations):
         order = rng.permutation(num_players)
         contrib = contributions(order)
         if antithetic:
             contrib = 0.5 * (contrib + contributions(order[::-1]))
-        samples.append(contrib)
-    arr = np.array(samples)
-    n = arr.shape[0]
-    stderr = arr.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.full(num_players, np.inf)
+        samples[k] = contrib
+    if num_permutations > 1:
+        stderr = samples.std(axis=0, ddof=1) / math.sqrt(num_permutations)
+    else:
+        stderr = np.full(num_players, np.inf)
     full = (1 << num_players) - 1
     return ShapleyResult(
-        values=arr.mean(axis=0),
+        values=samples.mean(axis=0),
         stderr=stderr,
         v_all=v(full),
         v_empty=v(0),
@@ -156,7 +199,11 @@ def shapley_values(
     num_permutations: int = 64,
     seed: int = 0,
 ) -> ShapleyResult:
-    """Exact Shapley values up to ``max_exact_players`` players, permutation sampling above."""
+    """Exact Shapley values up to ``max_exact_players`` players, permutation sampling above.
+
+    Sampling uses antithetic pairs, ``num_permutations`` pairs and ``np.random.
+    default_rng(seed)``.
+    """
     if num_players <= max_exact_players:
         return exact_shapley(value_fn, num_players)
     return sampled_shapley(value_fn, num_players, num_permutations, np.random.default_rng(seed))
