@@ -77,6 +77,8 @@ class ShapleyAlternatingStrategy(Strategy):
         super().setup(ctx)
         if not self.order:
             self.order = tuple(ctx.modalities)
+        if not self.epoch_order:
+            self.epoch_order = self.order
         self._rng = np.random.default_rng(ctx.seed)
 
     # ------------------------------------------------------------------ training
