@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,30 +136,11 @@ class MemoryFusion(Fusion):
     uses_order = True
 
     def __init__(
-        self,
-        modalities: Sequence[str],
-        dim: int,
-        num_classes: int,
-        align_stat: bool = True,
-        align_learned: bool = True,
-        stat_momentum: float = 0.9,
-        align_temperature: float = 0.1,
-        train_stat: str = "ema",
-        gate_bias: float = 1.0,
-        candidate_init: str = "identity",
+        self, modalities: Sequence[str], dim: int, num_classes: int, **memory_options: Any
     ) -> None:
+        """``memory_options`` go to :class:`CrossModalMemory` (alignment, statistic, init)."""
         super().__init__(modalities, dim, num_classes)
-        self.memory = CrossModalMemory(
-            len(self.modalities),
-            dim,
-            align_stat=align_stat,
-            align_learned=align_learned,
-            stat_momentum=stat_momentum,
-            align_temperature=align_temperature,
-            train_stat=train_stat,
-            gate_bias=gate_bias,
-            candidate_init=candidate_init,
-        )
+        self.memory = CrossModalMemory(len(self.modalities), dim, **memory_options)
         self.head = nn.Linear(dim, num_classes)
         self._index = {m: k for k, m in enumerate(self.modalities)}
 

@@ -16,9 +16,18 @@ A modality absent for a sample is skipped in that sample's chain (an identity st
 same code evaluates missing modalities, coalitions of modalities (Shapley values) and
 several orders at once (orders stacked on the batch axis).
 
-Our choices (METHODS marks them): the statistic ``C`` is computed on the training batch
-without gradient and kept as an exponential moving average for evaluation (identity before
-any training); both ``C`` and ``A`` can be switched off.
+Our choices (METHODS marks them), each a constructor option:
+
+* ``C`` is computed on each training batch without gradient and kept as an exponential
+  moving average (identity before any training). ``train_stat="ema"`` (default) has
+  training read the moving average, updated with the batch first; ``"batch"`` reads the
+  batch statistic itself. On synthetic data the batch statistic jittered from batch to
+  batch and joint training through the memory learned markedly slower (0.90 against 0.97
+  validation accuracy after 8 epochs);
+* ``align_stat`` / ``align_learned`` switch ``C`` and ``A`` off;
+* initialisation: gate biases ``gate_bias`` (1.0: gates start mostly open) and an identity
+  candidate map (``candidate_init="identity"``). With PyTorch's default initialisation
+  each step attenuates what earlier modalities carried about tenfold.
 """
 
 from __future__ import annotations
