@@ -57,6 +57,8 @@ def test_train_then_evaluate_subset(tmp_path):
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output and "Shapley" in result.output
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for plot in ("curves.png", "shapley.png", "edm.png"):
+        assert (tmp_path / "r" / plot).stat().st_size > 1000
     full = invoke("evaluate", str(tmp_path / "r"))
     assert full.exit_code == 0, full.output
     assert f"{100 * metrics['test']['accuracy']:.2f} %" in full.output

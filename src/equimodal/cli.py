@@ -142,7 +142,18 @@ def train(
     except BaseException:
         remove_run_dir(run_dir)
         raise
+    _draw_plots(run_dir)
     _print_metrics(result.metrics, run_dir)
+
+
+def _draw_plots(run_dir: Path) -> None:
+    """Learning curves, Shapley shares and EDM per epoch as PNGs in the run folder."""
+    from equimodal.report import plot_run
+
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # a plot must never cost the user a finished run
+        err.print(f"warning: could not draw the plots of {run_dir}: {exc}", highlight=False)
 
 
 def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
