@@ -36,10 +36,6 @@ USER_ERRORS = (
 )
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
-
-
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -220,24 +216,16 @@ def evaluate(
         _fail(_message(exc))
         return
     cache = encode_split(model, data.test)
-    prior = class_prior(data.train.labels, data.num_classes)
-    full = len(subset) == len(names)
-    if not full:
-        cache.z = {m: cache.z[m] for m in subset}
-    report = (
-        evaluate_cache(
-            model,
-            cache,
-            "test",
-            prior,
-            inference=strategy.inference_kwargs(),
-            shapley=full,
-            max_exact=cfg.train.shapley.max_exact,
-            permutations=cfg.train.shapley.permutations,
-            seed=cfg.seed,
-        )
-        if full
-        else _subset_report(model, strategy, cache, subset)
+    report = evaluate_cache(
+        model,
+        cache,
+        "test",
+        class_prior(data.train.labels, data.num_classes),
+        inference=strategy.inference_kwargs(),
+        modalities=subset,
+        max_exact=cfg.train.shapley.max_exact,
+        permutations=cfg.train.shapley.permutations,
+        seed=cfg.seed,
     )
     table = Table(title=f"{run_dir} — test split, modalities: {', '.join(subset)}")
     for col in ("accuracy", "macro-F1", "EDM"):
@@ -248,26 +236,6 @@ def evaluate(
         f"{100 * report.edm.edm:.1f} %" if report.edm is not None else "-",
     )
     out.print(table)
-
-
-def _subset_report(model, strategy, cache, subset):
-    import torch.nn.functional as F
-    from sklearn.metrics import f1_score
-
-    from equimodal.evaluate import SplitReport, predict_logits
-
-    logits = predict_logits(model, cache, modalities=subset, **strategy.inference_kwargs())
-    labels = cache.labels
-    return SplitReport(
-        split="test",
-        modalities=tuple(subset),
-        num_samples=len(cache),
-        accuracy=float((logits.argmax(1) == labels).float().mean()),
-        macro_f1=float(
-            f1_score(labels.numpy(), logits.argmax(1).numpy(), average="macro", zero_division=0)
-        ),
-        loss=float(F.cross_entropy(logits, labels)),
-    )
 
 
 @app.command()

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
@@ -159,15 +158,18 @@ def evaluate_cache(
     permutations: int = 64,
     seed: int = 0,
     batch_size: int = 4096,
+    modalities: Sequence[str] | None = None,
 ) -> SplitReport:
-    """Score cached features: metrics of the full model, Shapley values and EDM.
+    """Score cached features: metrics, Shapley values and EDM.
 
     ``inference`` holds the strategy's ``model.fuse`` arguments (e.g. hybrid orders);
-    ``prior`` the training class frequencies, which give v(empty).
+    ``prior`` the training class frequencies, which give v(empty). ``modalities`` limits
+    the model to a subset (all by default); Shapley values are over the modalities read,
+    and need at least two of them.
     """
     inference = dict(inference or {})
-    names = model.modalities
-    logits = predict_logits(model, cache, **inference, batch_size=batch_size)
+    names = tuple(modalities) if modalities is not None else model.modalities
+    logits = predict_logits(model, cache, modalities=names, **inference, batch_size=batch_size)
     labels = cache.labels
     accuracy = value_of_logits(logits, labels, "accuracy")
     loss = float(F.cross_entropy(logits, labels))
@@ -185,7 +187,7 @@ def evaluate_cache(
         loss=loss,
         value_kind=value_kind,
     )
-    if not shapley:
+    if not shapley or len(names) < 2:
         return report
     full = (1 << len(names)) - 1
     logits_of: dict[int, torch.Tensor] = {full: logits}
@@ -221,16 +223,3 @@ def class_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class frequencies of ``labels`` (the training split's prior)."""
     counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
     return (counts / counts.sum()).float()
-
-
-def modality_shares_text(report: SplitReport) -> str:
-    """'fou 12% | fac 30% | ...' for progress displays."""
-    if report.shapley is None:
-        return ""
-    shares = report.shapley.shares()
-    return " ".join(f"{m} {100 * s:.0f}%" for m, s in zip(report.modalities, shares, strict=True))
-
-
-def numpy_dict(values: Mapping[str, float]) -> dict[str, float]:
-    """Plain floats (for JSON)."""
-    return {k: float(np.asarray(v)) for k, v in values.items()}

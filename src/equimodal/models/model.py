@@ -31,18 +31,24 @@ class ModelOutput:
 
 
 def induce_orders(
-    orders: Iterable[Sequence[str]], subset: Iterable[str]
+    orders: Sequence[Sequence[str]],
+    subset: Iterable[str],
+    weights: Sequence[float] | None = None,
 ) -> tuple[list[tuple[str, ...]], list[float]]:
-    """Orders restricted to ``subset``, de-duplicated, with their multiplicities as weights.
+    """Orders restricted to ``subset``, de-duplicated, with summed weights (default 1 each).
 
     Averaging the memory state over ``orders`` while reading only ``subset`` equals the
     weighted average over the induced orders, at a fraction of the cost.
     """
     keep = set(subset)
-    counts = Counter(tuple(m for m in order if m in keep) for order in orders)
-    counts.pop((), None)
-    induced = list(counts)
-    return induced, [float(counts[o]) for o in induced]
+    totals: Counter[tuple[str, ...]] = Counter()
+    for order, w in zip(
+        orders, weights if weights is not None else [1.0] * len(orders), strict=True
+    ):
+        totals[tuple(m for m in order if m in keep)] += float(w)
+    totals.pop((), None)
+    induced = list(totals)
+    return induced, [totals[o] for o in induced]
 
 
 class Projection(nn.Module):
@@ -133,17 +139,7 @@ class MultimodalModel(nn.Module):
             if orders is None:
                 orders, weights = [tuple(names)], None
             else:
-                base_weights = weights
-                if base_weights is not None:
-                    # multiplicities combine with the given weights
-                    bucket: dict[tuple[str, ...], float] = {}
-                    for order, w in zip(orders, base_weights, strict=True):
-                        key = tuple(m for m in order if m in zs)
-                        bucket[key] = bucket.get(key, 0.0) + float(w)
-                    bucket.pop((), None)
-                    orders, weights = list(bucket), list(bucket.values())
-                else:
-                    orders, weights = induce_orders(orders, names)
+                orders, weights = induce_orders(orders, names, weights)
                 if len(orders) == 1:
                     weights = None
         return self.fusion(zs, ps, orders=orders, weights=weights, align_loss=align_loss)
