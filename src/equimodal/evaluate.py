@@ -169,7 +169,18 @@ def evaluate_cache(
     """
     inference = dict(inference or {})
     names = tuple(modalities) if modalities is not None else model.modalities
-    logits = predict_logits(model, cache, modalities=names, **inference, batch_size=batch_size)
+    # a strategy may restrict what its model reads (e.g. unimodal); the players stay all
+    # modalities, and those it cannot read contribute nothing
+    readable = inference.pop("modalities", None)
+
+    def read(members: Sequence[str]) -> list[str]:
+        return [m for m in members if readable is None or m in readable]
+
+    if not read(names):
+        raise ValueError(f"the model reads none of the modalities {', '.join(names)}")
+    logits = predict_logits(
+        model, cache, modalities=read(names), **inference, batch_size=batch_size
+    )
     labels = cache.labels
     accuracy = value_of_logits(logits, labels, "accuracy")
     loss = float(F.cross_entropy(logits, labels))
@@ -189,22 +200,24 @@ def evaluate_cache(
     )
     if not shapley or len(names) < 2:
         return report
-    full = (1 << len(names)) - 1
-    logits_of: dict[int, torch.Tensor] = {full: logits}
+    logits_of: dict[tuple[str, ...], torch.Tensor] = {tuple(read(names)): logits}
 
-    def coalition_logits(mask: int) -> torch.Tensor:
-        if mask not in logits_of:
-            members = [names[i] for i in range(len(names)) if mask >> i & 1]
-            logits_of[mask] = predict_logits(
+    def coalition_logits(mask: int) -> torch.Tensor | None:
+        members = tuple(read([names[i] for i in range(len(names)) if mask >> i & 1]))
+        if not members:
+            return None
+        if members not in logits_of:
+            logits_of[members] = predict_logits(
                 model, cache, modalities=members, **inference, batch_size=batch_size
             )
-        return logits_of[mask]
+        return logits_of[members]
 
     def value_fn(kind: str):
         def v(mask: int) -> float:
-            if mask == 0:
+            coalition = coalition_logits(mask)
+            if coalition is None:
                 return value_of_prior(prior, labels, kind)
-            return value_of_logits(coalition_logits(mask), labels, kind)
+            return value_of_logits(coalition, labels, kind)
 
         return v
 

@@ -9,7 +9,7 @@ report (``on_epoch_end``). Its state is JSON-serialisable and saved with checkpo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,14 +36,20 @@ class TrainContext:
     grad_clip: float | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
+    def optimizer_step(
+        self, loss: torch.Tensor, modify_gradients: Callable[[], None] | None = None
+    ) -> None:
         """Zero the gradients, back-propagate ``loss``, clip, and step the optimizer.
 
-        Parameters that received no gradient (e.g. frozen encoders in an alternating
-        step) are skipped by the optimizer, weight decay included.
+        ``modify_gradients`` runs between the backward pass and clipping (gradient
+        modulation methods use it). Parameters that received no gradient (e.g. frozen
+        encoders in an alternating step) are skipped by the optimizer, weight decay
+        included.
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if modify_gradients is not None:
+            modify_gradients()
         if self.grad_clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)

@@ -1,0 +1,98 @@
+"""Behaviour that defines each comparison method."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from equimodal.data.registry import load_dataset
+from equimodal.engine.trainer import Trainer, build_model
+from equimodal.strategies import TrainContext, build_strategy
+from equimodal.strategies.ogm_ge import modulation_coefficients
+
+
+def setup_strategy(config):
+    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
+    torch.manual_seed(0)
+    model = build_model(config, data.info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step changes nothing
+    strategy = build_strategy(config.strategy)
+    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
+    return data, model, strategy
+
+
+def encoder_grads(model, names):
+    return {m: [p.grad.clone() for p in model.modality_parameters(m)] for m in names}
+
+
+def test_ogm_ge_coefficients_by_hand():
+    probs = {"a": torch.tensor([0.9, 0.9]), "b": torch.tensor([0.3, 0.3])}
+    ratios, coefs = modulation_coefficients(probs, alpha=0.8)
+    assert ratios["a"] == pytest.approx(3.0) and ratios["b"] == pytest.approx(1 / 3)
+    assert coefs["a"] == pytest.approx(1 - math.tanh(0.8 * 3.0))
+    assert coefs["b"] == 1.0
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_ogm_ge_scales_only_the_dominant_encoder(small_config, noise):
+    extra = ["model.fusion=concat", f"strategy.noise={noise}", "model.encoder.dropout=0"]
+    config = small_config("ogm_ge", extra=extra)
+    data, model, strategy = setup_strategy(config)
+    batch = next(data.train.batches(128))
+    # plain gradients of the same loss
+    out = model(batch)
+    torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
+    plain = encoder_grads(model, data.modalities)
+    model.zero_grad(set_to_none=True)
+    strategy.on_epoch_start(1)
+    logs = strategy.training_step(batch)
+    modulated = encoder_grads(model, data.modalities)
+    ratios = {m: logs[f"ratio_{m}"] for m in data.modalities}
+    dominant = [m for m, r in ratios.items() if r > 1]
+    assert dominant  # with a strong m0 at least one modality leads
+    for m in data.modalities:
+        k = 1 - math.tanh(0.8 * ratios[m]) if m in dominant else 1.0
+        assert logs[f"coef_{m}"] == pytest.approx(k)
+        for g_plain, g_mod in zip(plain[m], modulated[m], strict=True):
+            if noise:
+                assert not torch.allclose(g_mod, k * g_plain)  # GE noise on every encoder
+            else:
+                torch.testing.assert_close(g_mod, k * g_plain)
+
+
+def test_ogm_ge_outside_its_epochs_is_joint_training(small_config):
+    config = small_config("ogm_ge", extra=["strategy.modulation_end=0"])
+    data, model, strategy = setup_strategy(config)
+    strategy.on_epoch_start(1)
+    logs = strategy.training_step(next(data.train.batches(64)))
+    assert set(logs) == {"loss"}
+
+
+def test_ogm_ge_trains(small_config):
+    result = Trainer(small_config("ogm_ge", epochs=4), progress=False).fit()
+    assert result.metrics["test"]["accuracy"] > 0.6
+
+
+def test_unimodal_trains_only_its_modality_and_is_fully_imbalanced(small_config):
+    config = small_config("unimodal", epochs=3, extra=["strategy.modality=m1"])
+    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
+    torch.manual_seed(0)  # the trainer seeds the same way before building its model
+    initial = build_model(config, data.info)
+    before = {m: [p.clone() for p in initial.modality_parameters(m)] for m in data.modalities}
+    result = Trainer(config, progress=False).fit()
+    after = {m: list(result.model.modality_parameters(m)) for m in data.modalities}
+    for m in data.modalities:
+        changed = any(not torch.equal(a, b) for a, b in zip(before[m], after[m], strict=True))
+        assert changed == (m == "m1"), m
+    test = result.metrics["test"]
+    assert test["shapley"]["m0"] == 0.0 and test["shapley"]["m2"] == 0.0
+    assert test["shapley"]["m1"] == pytest.approx(test["v_all"] - test["v_empty"])
+    assert test["edm"] == pytest.approx(1.0)
+
+
+def test_unimodal_unknown_modality_is_named(small_config):
+    config = small_config("unimodal", extra=["strategy.modality=m7"])
+    with pytest.raises(ValueError, match="'m7'.*m0, m1, m2"):
+        Trainer(config, progress=False).fit()
