@@ -96,3 +96,58 @@ def test_unimodal_unknown_modality_is_named(small_config):
     config = small_config("unimodal", extra=["strategy.modality=m7"])
     with pytest.raises(ValueError, match="'m7'.*m0, m1, m2"):
         Trainer(config, progress=False).fit()
+
+
+def test_mla_projected_head_gradient_is_orthogonal_to_stored_features(small_config):
+    config = small_config(
+        "mla", extra=["strategy.projection_alpha=1e-6", "model.encoder.dropout=0"]
+    )
+    data, model, strategy = setup_strategy(config)
+    batch = next(data.train.batches(128))
+    with torch.no_grad():
+        r = {m: model.encode_modality(m, batch.inputs[m]).mean(0) for m in data.modalities}
+    strategy.training_step(batch)  # lr 0: the encoders stay as they were
+    # the last step (m2) was projected with the directions of m0 and m1 of this batch
+    grad = model.fusion.head.weight.grad
+    for m in ("m0", "m1"):
+        assert (grad @ r[m]).norm() < 1e-4 * grad.norm() * r[m].norm()
+    # without projection the same gradient is far from orthogonal
+    config = small_config("mla", extra=["strategy.projection=false", "model.encoder.dropout=0"])
+    data, model, strategy = setup_strategy(config)
+    strategy.training_step(batch)
+    grad = model.fusion.head.weight.grad
+    assert (grad @ r["m0"]).norm() > 1e-2 * grad.norm() * r["m0"].norm()
+
+
+def test_shared_head_entropy_fusion_weights_confident_modalities():
+    from equimodal.models.fusion import SharedHeadFusion
+
+    fusion = SharedHeadFusion(["a", "b"], dim=2, num_classes=2)
+    with torch.no_grad():
+        fusion.head.weight.copy_(torch.eye(2))
+        fusion.head.bias.zero_()
+    fusion.combine = "entropy"
+    z = {"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 0.5]])}
+    present = {"a": torch.tensor([True]), "b": torch.tensor([True])}
+    out = fusion(z, present).logits
+
+    def entropy(logits):
+        p = torch.softmax(logits, -1)
+        return -(p * p.log()).sum()
+
+    e = torch.stack([entropy(z["a"][0]), entropy(z["b"][0])])
+    weights = torch.exp(e.max() - e) / torch.exp(e.max() - e).sum()
+    torch.testing.assert_close(out[0], weights[0] * z["a"][0] + weights[1] * z["b"][0])
+    assert weights[0] > weights[1]  # the confident modality weighs more
+    present["b"] = torch.tensor([False])
+    torch.testing.assert_close(fusion(z, present).logits, z["a"])  # absent: left out
+
+
+def test_mla_trains_and_saves_its_projectors(small_config, tmp_path):
+    from equimodal.engine.trainer import load_run
+
+    result = Trainer(small_config("mla", epochs=4), run_dir=tmp_path / "r", progress=False).fit()
+    assert result.metrics["test"]["accuracy"] > 0.8
+    _, _, strategy, _ = load_run(tmp_path / "r")
+    for m, p in strategy.projectors.items():
+        assert not torch.allclose(p, torch.eye(p.shape[0])), m

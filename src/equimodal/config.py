@@ -71,7 +71,7 @@ class ModelConfig(Section):
     """Encoders, common width ``dim`` and fusion (default: the strategy's own)."""
 
     dim: int = Field(128, gt=0)
-    fusion: Literal["concat", "sum", "late", "memory"] | None = None
+    fusion: Literal["concat", "sum", "late", "shared", "memory"] | None = None
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)

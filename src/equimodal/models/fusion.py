@@ -7,6 +7,8 @@ modality not passed, or absent for a sample, is handled in the fusion's document
 * ``concat``: zeros in its block of the concatenation, then a linear head;
 * ``sum``: left out of the sum, then a linear head;
 * ``late``: one linear head per modality, logits = mean of the present heads;
+* ``shared``: one linear head for every modality, logits = (weighted) mean over the
+  present modalities of ``head(z_m)``;
 * ``memory``: skipped in the memory chain (METHODS §1.2), one linear head on the state.
 """
 
@@ -21,7 +23,7 @@ from torch import nn
 
 from equimodal.models.memory import CrossModalMemory
 
-FUSION_NAMES = ("concat", "sum", "late", "memory")
+FUSION_NAMES = ("concat", "sum", "late", "shared", "memory")
 
 
 @dataclass
@@ -130,6 +132,37 @@ class LateFusion(Fusion):
         return {m: self.heads[m](z[m]) for m in self.modalities if m in z}
 
 
+class SharedHeadFusion(Fusion):
+    """One linear head shared by all modalities; logits combine the present modalities'.
+
+    ``combine="mean"`` averages the present modalities' logits; ``"entropy"`` weights them
+    per sample by ``softmax(-entropy_m)``, i.e. ``exp(max_k e_k - e_m)`` normalised (MLA's
+    test-time fusion, Zhang et al. CVPR 2024).
+    """
+
+    def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
+        super().__init__(modalities, dim, num_classes)
+        self.head = nn.Linear(dim, num_classes)
+        self.combine = "mean"
+
+    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+        used = [m for m in self.modalities if m in z]
+        logits = torch.stack([self.head(z[m]) for m in used], dim=1)  # (B, M, C)
+        mask = torch.stack([present[m] for m in used], dim=1)  # (B, M)
+        if self.combine == "entropy":
+            logp = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            score = (-entropy).masked_fill(~mask, float("-inf"))
+        else:
+            score = torch.zeros_like(mask, dtype=logits.dtype).masked_fill(~mask, float("-inf"))
+        weight = torch.softmax(score, dim=1).nan_to_num(0.0)  # rows with nothing present: 0
+        fused = (weight.unsqueeze(-1) * logits).sum(1)
+        return FusionOutput(logits=fused, fused=fused, aux_losses=[])
+
+    def unimodal_logits(self, z):
+        return {m: self.head(z[m]) for m in self.modalities if m in z}
+
+
 class MemoryFusion(Fusion):
     """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state."""
 
@@ -192,7 +225,13 @@ def build_fusion(
     name: str, modalities: Sequence[str], dim: int, num_classes: int, **options: object
 ) -> Fusion:
     """Build fusion ``name``; options go to the fusion (only ``memory`` takes any)."""
-    classes = {"concat": ConcatFusion, "sum": SumFusion, "late": LateFusion, "memory": MemoryFusion}
+    classes = {
+        "concat": ConcatFusion,
+        "sum": SumFusion,
+        "late": LateFusion,
+        "shared": SharedHeadFusion,
+        "memory": MemoryFusion,
+    }
     if name not in classes:
         raise ValueError(f"unknown fusion {name!r}; choose one of {', '.join(FUSION_NAMES)}")
     if options and name != "memory":

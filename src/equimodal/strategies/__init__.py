@@ -19,11 +19,18 @@ def _load_builtin() -> None:
     if _STRATEGIES:
         return
     from equimodal.strategies.joint import JointStrategy
+    from equimodal.strategies.mla import MLAStrategy
     from equimodal.strategies.ogm_ge import OGMGEStrategy
     from equimodal.strategies.shapley_alternating import ShapleyAlternatingStrategy
     from equimodal.strategies.unimodal import UnimodalStrategy
 
-    for cls in (JointStrategy, OGMGEStrategy, ShapleyAlternatingStrategy, UnimodalStrategy):
+    for cls in (
+        JointStrategy,
+        MLAStrategy,
+        OGMGEStrategy,
+        ShapleyAlternatingStrategy,
+        UnimodalStrategy,
+    ):
         register_strategy(cls)
 
 
