@@ -19,6 +19,7 @@ def small_overrides(strategy: str = "shapley_alternating", epochs: int = 3) -> l
         "model.dim=16",
         "model.encoder.hidden=32",
         "optim.lr=0.01",
+        "train.relative_edm=false",
     ]
 
 

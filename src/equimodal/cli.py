@@ -157,18 +157,20 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
     summary = Table(
         title=f"test split ({test['num_samples']} samples), best epoch {metrics['best_epoch']}"
     )
-    for col in ("accuracy", "macro-F1", "EDM", "train time"):
+    for col in ("accuracy", "macro-F1", "EDM", "relative EDM", "train time"):
         summary.add_column(col, justify="right")
     summary.add_row(
         f"{100 * test['accuracy']:.2f} %",
         f"{100 * test['macro_f1']:.2f} %",
         f"{100 * test['edm']:.1f} %" if "edm" in test else "-",
+        f"{100 * test['relative_edm']:.1f} %" if "relative_edm" in test else "-",
         f"{metrics['train_time_s']:.1f} s",
     )
     out.print(summary)
     if "shapley" in test:
         per = Table(title="modality contributions (Shapley value of accuracy, test)")
-        for col in ("modality", "Shapley", "share", "deviation from equal share"):
+        alone = test.get("standalone_val_accuracy", {})
+        for col in ("modality", "Shapley", "share", "deviation from equal share", "alone (val)"):
             per.add_column(col, justify="right")
         for m in metrics["modalities"]:
             per.add_row(
@@ -176,6 +178,7 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
                 f"{100 * test['shapley'][m]:+.2f} pts",
                 f"{100 * test['shapley_share'][m]:.1f} %",
                 f"{100 * test['edm_deviation'][m]:+.1f} pts",
+                f"{100 * alone[m]:.1f} %" if m in alone else "-",
             )
         out.print(per)
     if run_dir is not None:

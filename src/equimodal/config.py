@@ -107,6 +107,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     deterministic: bool = True
     shapley: ShapleyConfig = Field(default_factory=ShapleyConfig)
+    #: add relative EDM to the final metrics (trains a unimodal model per modality, cached)
+    relative_edm: bool = True
 
 
 DEFAULT_STRATEGY = "shapley_alternating"

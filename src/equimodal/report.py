@@ -57,8 +57,8 @@ def summarize(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "fusion": fusion,
             "seeds": [r["seed"] for r in runs],
         }
-        for key in ("accuracy", "macro_f1", "edm"):
-            row[key] = _mean_std([r["test"][key] for r in runs if key in r["test"]])
+        for key in ("accuracy", "macro_f1", "edm", "relative_edm"):
+            row[key] = _mean_std([r["test"][key] for r in runs if key in r["test"]] or [math.nan])
         row["train_time_s"] = _mean_std([r["train_time_s"] for r in runs])
         names = runs[0]["modalities"]
         row["share"] = {n: _mean_std([r["test"]["shapley_share"][n] for r in runs]) for n in names}
@@ -77,8 +77,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table (percentages; Shapley shares per modality)."""
     lines = [
         "| dataset | strategy | fusion | seeds | test accuracy % | macro-F1 % | EDM % "
-        "| Shapley share per modality % | train time s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| relative EDM % | Shapley share per modality % | train time s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shares = ", ".join(f"{n} {100 * v[0]:.0f}" for n, v in r["share"].items())
@@ -86,7 +86,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['strategy']} | {r['fusion']} | {len(r['seeds'])} "
             f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['edm'], 1)} "
-            f"| {shares} | {t_mean:.1f} ± {t_std:.1f} |"
+            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -97,13 +97,13 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf)
     share_names = sorted({n for r in rows for n in r["share"]})
     header = ["dataset", "strategy", "fusion", "n_seeds"]
-    for key in ("accuracy", "macro_f1", "edm", "train_time_s"):
+    for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
         header += [f"{key}_mean", f"{key}_std"]
     header += [f"share_{n}_mean" for n in share_names]
     writer.writerow(header)
     for r in rows:
         line = [r["dataset"], r["strategy"], r["fusion"], len(r["seeds"])]
-        for key in ("accuracy", "macro_f1", "edm", "train_time_s"):
+        for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
             line += list(r[key])
         line += [r["share"][n][0] if n in r["share"] else "" for n in share_names]
         writer.writerow(line)

@@ -308,6 +308,9 @@ class Trainer:
         t2 = time.perf_counter()
         val_report = self._evaluate(model, strategy, "val", val, prior, device)
         test_report = self._evaluate(model, strategy, "test", test, prior, device)
+        val_dict, test_dict = val_report.to_dict(), test_report.to_dict()
+        if cfg.train.relative_edm and strategy.name != "unimodal" and len(info.modalities) > 1:
+            self._add_relative_edm(data, val_report, test_report, val_dict, test_dict, prior)
         metrics = {
             "run": cfg.run_name(),
             "dataset": info.name,
@@ -320,8 +323,8 @@ class Trainer:
             "train_time_s": round(train_seconds, 3),
             "final_eval_time_s": round(time.perf_counter() - t2, 3),
             "inference": _jsonable(strategy.inference_kwargs()),
-            "val": val_report.to_dict(),
-            "test": test_report.to_dict(),
+            "val": val_dict,
+            "test": test_dict,
             "versions": library_versions(),
         }
         if self.run_dir is not None:
@@ -329,6 +332,24 @@ class Trainer:
         return TrainResult(
             metrics=metrics, run_dir=self.run_dir, history=history, model=model, strategy=strategy
         )
+
+    def _add_relative_edm(self, data, val_report, test_report, val_dict, test_dict, prior) -> None:
+        """Relative EDM of both splits from the modalities' stand-alone validation accuracy."""
+        from equimodal.balance.edm import relative_edm
+        from equimodal.evaluate import value_of_prior
+        from equimodal.standalone import standalone_accuracies
+
+        cache_dir = self.run_dir.parent / ".standalone" if self.run_dir is not None else None
+        ability = standalone_accuracies(self.config, data, cache_dir)
+        names = data.modalities
+        chance = value_of_prior(prior, data.val.labels, "accuracy")
+        for report, out in ((val_report, val_dict), (test_report, test_dict)):
+            if report.shapley is None:
+                continue
+            rel = relative_edm(report.shapley.values, [ability[m] for m in names], chance)
+            out["relative_edm"] = rel.edm
+            out["capability_share"] = dict(zip(names, map(float, rel.reference), strict=True))
+        test_dict["standalone_val_accuracy"] = ability
 
     # ------------------------------------------------------------------ display
     def _progress(self) -> Progress | None:
