@@ -181,3 +181,19 @@ def test_checkpoint_round_trip_keeps_optimizer_state(small_config, tmp_path):
             )
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_test_split_never_tunes_inference(small_config, monkeypatch):
+    """best_val_order is chosen on validation; the final test scoring must not re-choose it."""
+    seen = []
+    original = ShapleyAlternatingStrategy.prepare_inference
+
+    def spy(self, cache):
+        seen.append(len(cache))
+        return original(self, cache)
+
+    monkeypatch.setattr(ShapleyAlternatingStrategy, "prepare_inference", spy)
+    config = small_config(epochs=2, extra=["strategy.inference=best_val_order"])
+    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
+    Trainer(config, data=data, progress=False).fit()
+    assert seen and set(seen) == {len(data.val)} and len(data.test) != len(data.val)

@@ -164,7 +164,9 @@ class Trainer:
     ) -> SplitReport:
         tc = self.config.train
         cache = encode_split(model, split, batch_size=tc.eval_batch_size, device=device)
-        strategy.prepare_inference(cache)
+        if split_name == "val":
+            # only validation may tune how the model predicts; test reuses what val chose
+            strategy.prepare_inference(cache)
         return evaluate_cache(
             model,
             cache,
