@@ -151,3 +151,45 @@ def test_mla_trains_and_saves_its_projectors(small_config, tmp_path):
     _, _, strategy, _ = load_run(tmp_path / "r")
     for m, p in strategy.projectors.items():
         assert not torch.allclose(p, torch.eye(p.shape[0])), m
+
+
+def test_calibration_restores_nll_after_one_modality_is_scaled_tenfold(small_config):
+    from equimodal.balance.decision import apply_calibration, decision_diagnostics, fit_calibration
+    from equimodal.evaluate import encode_split
+
+    result = Trainer(
+        small_config("joint", epochs=4, extra=["model.fusion=concat"]), progress=False
+    ).fit()
+    model = result.model
+    data = load_dataset("synthetic", seed=0, num_samples=600, num_classes=4, signal=[3.0, 1.5, 0.4])
+    cache = encode_split(model, data.val)
+    nll = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        logits = model.fusion.unimodal_logits(cache.z)
+        unscaled = nll(sum(logits.values()), cache.labels)
+        before = decision_diagnostics(model, cache)
+        block = model.fusion.head.weight[:, : model.dim]
+        block.mul_(10.0)  # modality m0's logits x10 (its bias share aside)
+        scaled_logits = model.fusion.unimodal_logits(cache.z)
+    scaled = nll(sum(scaled_logits.values()), cache.labels)
+    assert scaled > unscaled + 0.05
+    after = decision_diagnostics(model, cache)
+    assert after["m0"]["weight_norm"] == pytest.approx(10 * before["m0"]["weight_norm"], rel=1e-5)
+    assert after["m0"]["true_logit_share"] > before["m0"]["true_logit_share"]
+    calibration = fit_calibration(scaled_logits, cache.labels)
+    calibrated = nll(apply_calibration(scaled_logits, cache.present, calibration), cache.labels)
+    assert calibrated <= unscaled + 1e-3
+    w = calibration.weight
+    assert torch.all(w > 0) and torch.allclose(w.sum(0), torch.full((4,), 3.0))
+
+
+def test_decision_calibration_strategy_fits_on_validation_only(small_config, tmp_path):
+    from equimodal.engine.trainer import load_run
+
+    result = Trainer(
+        small_config("decision_calibration", epochs=3), run_dir=tmp_path / "r", progress=False
+    ).fit()
+    assert result.metrics["test"]["accuracy"] > 0.8
+    assert "calibration" in result.metrics["inference"]
+    _, _, strategy, _ = load_run(tmp_path / "r")
+    assert strategy.calibration is not None  # restored from the checkpoint

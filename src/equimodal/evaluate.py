@@ -63,8 +63,12 @@ def predict_logits(
     orders: Sequence[Sequence[str]] | None = None,
     weights: Sequence[float] | None = None,
     batch_size: int = 4096,
+    **fuse_options: Any,
 ) -> torch.Tensor:
-    """Logits of the model reading only ``modalities`` from cached features (eval mode)."""
+    """Logits of the model reading only ``modalities`` from cached features (eval mode).
+
+    ``fuse_options`` go to ``model.fuse`` (e.g. a strategy's ``calibration``).
+    """
     was_training = model.training
     model.eval()
     n = len(cache)
@@ -73,7 +77,11 @@ def predict_logits(
         rows = slice(start, start + batch_size)
         z = {m: v[rows] for m, v in cache.z.items()}
         p = {m: v[rows] for m, v in cache.present.items()}
-        out.append(model.fuse(z, p, modalities=modalities, orders=orders, weights=weights).logits)
+        out.append(
+            model.fuse(
+                z, p, modalities=modalities, orders=orders, weights=weights, **fuse_options
+            ).logits
+        )
     model.train(was_training)
     return torch.cat(out)
 

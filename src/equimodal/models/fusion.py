@@ -64,6 +64,11 @@ class Fusion(nn.Module):
         """Per-modality logits, one tensor ``(B, C)`` per modality in ``z``."""
         raise NotImplementedError
 
+    def decision_weights(self) -> dict[str, torch.Tensor]:
+        """The ``(C, d)`` decision weight that maps each modality's ``z_m`` to its logits."""
+        head = self.head  # type: ignore[attr-defined]
+        return {m: head.weight for m in self.modalities}
+
 
 class ConcatFusion(Fusion):
     """Concatenate ``z_m`` in dataset order (zeros for absent) and apply one linear head."""
@@ -80,6 +85,10 @@ class ConcatFusion(Fusion):
         ]
         fused = torch.cat(blocks, dim=1)
         return FusionOutput(logits=self.head(fused), fused=fused, aux_losses=[])
+
+    def decision_weights(self):
+        w = self.head.weight
+        return {m: w[:, k * self.dim : (k + 1) * self.dim] for k, m in enumerate(self.modalities)}
 
     def unimodal_logits(self, z):
         """``W_m z_m + b / M``: the modality's block of the head (they sum to the logits)."""
@@ -130,6 +139,9 @@ class LateFusion(Fusion):
 
     def unimodal_logits(self, z):
         return {m: self.heads[m](z[m]) for m in self.modalities if m in z}
+
+    def decision_weights(self):
+        return {m: self.heads[m].weight for m in self.modalities}
 
 
 class SharedHeadFusion(Fusion):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from equimodal.balance.decision import Calibration, apply_calibration
 from equimodal.data.base import ModalitySpec
 from equimodal.data.batch import MultimodalBatch
 from equimodal.models.encoders import build_encoder
@@ -122,11 +123,13 @@ class MultimodalModel(nn.Module):
         orders: Sequence[Sequence[str]] | None = None,
         weights: Sequence[float] | None = None,
         align_loss: bool = False,
+        calibration: Calibration | None = None,
     ) -> FusionOutput:
         """Fuse precomputed features, reading only ``modalities`` (all by default).
 
         For an order-dependent fusion, ``orders`` (over all or some modalities) are
-        restricted to ``modalities`` and the state is averaged over them.
+        restricted to ``modalities`` and the state is averaged over them. With a
+        ``calibration`` the logits are the calibrated sum of the modalities' own logits.
         """
         names = self._check(
             modalities if modalities is not None else [m for m in self.modalities if m in z]
@@ -135,6 +138,9 @@ class MultimodalModel(nn.Module):
             raise ValueError("fuse needs at least one modality")
         zs = {m: z[m] for m in names}
         ps = {m: present[m] for m in names}
+        if calibration is not None:
+            logits = apply_calibration(self.fusion.unimodal_logits(zs), ps, calibration)
+            return FusionOutput(logits=logits, fused=logits, aux_losses=[])
         if self.fusion.uses_order:
             if orders is None:
                 orders, weights = [tuple(names)], None

@@ -18,6 +18,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 def _load_builtin() -> None:
     if _STRATEGIES:
         return
+    from equimodal.strategies.decision_calibration import DecisionCalibrationStrategy
     from equimodal.strategies.joint import JointStrategy
     from equimodal.strategies.mla import MLAStrategy
     from equimodal.strategies.ogm_ge import OGMGEStrategy
@@ -25,6 +26,7 @@ def _load_builtin() -> None:
     from equimodal.strategies.unimodal import UnimodalStrategy
 
     for cls in (
+        DecisionCalibrationStrategy,
         JointStrategy,
         MLAStrategy,
         OGMGEStrategy,
