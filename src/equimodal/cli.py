@@ -280,6 +280,69 @@ def report(
 
 
 @app.command()
+def bench(
+    bench_file: Annotated[
+        Path, typer.Argument(help="Bench file (YAML): datasets x methods x seeds.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder of the bench's runs.")] = Path(
+        "runs/bench"
+    ),
+    jobs: Annotated[int, typer.Option(help="Runs in parallel (local process pool).")] = 1,
+) -> None:
+    """Run a grid of runs (resumable) and write summary.md and summary.csv."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from equimodal.bench import execute, load_bench, paired_p_values, pending
+    from equimodal.engine.files import write_text_atomic
+    from equimodal.report import load_metrics, summarize, summary_csv, summary_markdown
+
+    if jobs < 1:
+        _fail(f"--jobs must be at least 1, got {jobs}")
+    try:
+        runs, reference = load_bench(bench_file, out_dir)
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    todo = pending(runs)
+    err.print(
+        f"[bold]equimodal bench[/] {len(runs)} runs ({len(runs) - len(todo)} already finished) "
+        f"-> {out_dir}",
+        highlight=False,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("bench", total=len(todo))
+
+        def done(run, error) -> None:
+            state = "failed" if error else "done"
+            progress.update(
+                task, advance=1, description=f"{run.dataset} {run.label} s{run.seed} {state}"
+            )
+
+        failures = execute(runs, jobs=jobs, on_done=done)
+    for run, error in failures:
+        err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+    finished = [load_metrics(r.run_dir) for r in runs if (r.run_dir / "metrics.json").is_file()]
+    if not finished:
+        _fail("no run finished")
+    p_values = paired_p_values(finished, reference) if reference else None
+    rows = summarize(finished, by_run_name=True, p_values=p_values)
+    text = summary_markdown(rows)
+    if reference:
+        text += f"\np: paired t-test over seeds of test accuracy against {reference!r}.\n"
+    write_text_atomic(out_dir / "summary.md", text)
+    write_text_atomic(out_dir / "summary.csv", summary_csv(rows))
+    out.print(text, highlight=False, markup=False)
+    if failures:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def datasets() -> None:
     """List the datasets: modalities with dimensions, classes, samples, source and licence."""
     from equimodal.data.registry import dataset_names, get_entry

@@ -43,19 +43,30 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), std
 
 
-def summarize(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, strategy, fusion): mean and std over seeds of the test scores."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+def summarize(
+    metrics: list[dict[str, Any]],
+    by_run_name: bool = False,
+    p_values: dict[tuple[str, str], float] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (dataset, method): mean and std over seeds of the test scores.
+
+    A method is (strategy, fusion), or the run name when ``by_run_name`` (bench labels);
+    ``p_values`` maps (dataset, method) to a paired test's p-value against a reference.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for m in metrics:
-        groups[(m["dataset"], m["strategy"], str(m.get("fusion")))].append(m)
+        label = m["run"] if by_run_name else f"{m['strategy']} ({m.get('fusion')})"
+        groups[(m["dataset"], label)].append(m)
     rows = []
-    for (dataset, strategy, fusion), runs in sorted(groups.items()):
+    for (dataset, label), runs in sorted(groups.items()):
         runs = sorted(runs, key=lambda r: r["seed"])
         row: dict[str, Any] = {
             "dataset": dataset,
-            "strategy": strategy,
-            "fusion": fusion,
+            "method": label,
+            "strategy": runs[0]["strategy"],
+            "fusion": str(runs[0].get("fusion")),
             "seeds": [r["seed"] for r in runs],
+            "p_value": (p_values or {}).get((dataset, label)),
         }
         for key in ("accuracy", "macro_f1", "edm", "relative_edm"):
             row[key] = _mean_std([r["test"][key] for r in runs if key in r["test"]] or [math.nan])
@@ -76,17 +87,18 @@ def _pct(pair: tuple[float, float], digits: int = 2) -> str:
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table (percentages; Shapley shares per modality)."""
     lines = [
-        "| dataset | strategy | fusion | seeds | test accuracy % | macro-F1 % | EDM % "
-        "| relative EDM % | Shapley share per modality % | train time s |",
+        "| dataset | method | seeds | test accuracy % | macro-F1 % | EDM % "
+        "| relative EDM % | Shapley share per modality % | train time s | p (paired) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shares = ", ".join(f"{n} {100 * v[0]:.0f}" for n, v in r["share"].items())
         t_mean, t_std = r["train_time_s"]
+        p_text = "-" if r["p_value"] is None else f"{r['p_value']:.3f}"
         lines.append(
-            f"| {r['dataset']} | {r['strategy']} | {r['fusion']} | {len(r['seeds'])} "
+            f"| {r['dataset']} | {r['method']} | {len(r['seeds'])} "
             f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['edm'], 1)} "
-            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} |"
+            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} | {p_text} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -96,16 +108,17 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     share_names = sorted({n for r in rows for n in r["share"]})
-    header = ["dataset", "strategy", "fusion", "n_seeds"]
+    header = ["dataset", "method", "strategy", "fusion", "n_seeds"]
     for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
         header += [f"{key}_mean", f"{key}_std"]
-    header += [f"share_{n}_mean" for n in share_names]
+    header += [f"share_{n}_mean" for n in share_names] + ["p_value"]
     writer.writerow(header)
     for r in rows:
-        line = [r["dataset"], r["strategy"], r["fusion"], len(r["seeds"])]
+        line = [r["dataset"], r["method"], r["strategy"], r["fusion"], len(r["seeds"])]
         for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
             line += list(r[key])
         line += [r["share"][n][0] if n in r["share"] else "" for n in share_names]
+        line.append("" if r["p_value"] is None else r["p_value"])
         writer.writerow(line)
     return buf.getvalue()
 

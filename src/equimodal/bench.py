@@ -1,0 +1,202 @@
+"""``equimodal bench``: a grid of datasets x methods x seeds, one summary table.
+
+A bench file (YAML)::
+
+    seeds: [0, 1, 2, 3, 4]
+    reference: joint                 # label the others are compared with (paired t-test)
+    base: {train: {epochs: 100, patience: 15}}     # merged into every run's config
+    datasets:
+      - mfeat                        # or {name: mfeat, options: {split: tmc}}
+      - htad
+    methods:
+      - {label: shapley_alternating, strategy: {name: shapley_alternating}}
+      - {label: joint, strategy: {name: joint}, model: {fusion: concat}}
+
+Runs go to ``OUT/<dataset>/<label>-s<seed>/``. A run with a ``metrics.json`` is finished
+and never repeated; a folder without one (a killed run) is removed and run again, so a
+stopped bench continues where it stopped. Every run selects its checkpoint on validation
+and reads test once (the trainer's protocol).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from equimodal.config import ConfigError, RunConfig, build_config, load_yaml
+
+BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods"}
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One cell of the grid."""
+
+    dataset: str
+    label: str
+    seed: int
+    config: dict[str, Any]
+    run_dir: Path
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], str | None]:
+    """Expand a bench file into its runs (validated) and the reference label."""
+    spec = load_yaml(path)
+    unknown = set(spec) - BENCH_KEYS
+    if unknown:
+        raise ConfigError(
+            f"bench file {str(path)!r}: unknown key {sorted(unknown)[0]!r}; "
+            f"valid keys: {', '.join(sorted(BENCH_KEYS))}"
+        )
+    seeds = spec.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and s >= 0 for s in seeds)
+    ):
+        raise ConfigError(
+            f"bench file {str(path)!r}: seeds must be a non-empty list of integers >= 0"
+        )
+    datasets = [d if isinstance(d, dict) else {"name": d} for d in spec.get("datasets", [])]
+    methods = spec.get("methods", [])
+    if not datasets or not methods:
+        raise ConfigError(f"bench file {str(path)!r} needs at least one dataset and one method")
+    base = spec.get("base", {}) or {}
+    labels = []
+    runs = []
+    for method in methods:
+        if not isinstance(method, dict) or "strategy" not in method:
+            raise ConfigError(f"bench file {str(path)!r}: every method needs a 'strategy' section")
+        method = dict(method)
+        strategy = method["strategy"]
+        label = method.pop("label", None) or (
+            strategy if isinstance(strategy, str) else strategy.get("name")
+        )
+        if label in labels:
+            raise ConfigError(f"bench file {str(path)!r}: method label {label!r} is used twice")
+        labels.append(label)
+        for dataset in datasets:
+            for seed in seeds:
+                tree = _merge(
+                    _merge(base, method), {"dataset": dataset, "seed": seed, "name": label}
+                )
+                try:
+                    build_config(tree)
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"bench file {str(path)!r}, method {label!r}: {err}"
+                    ) from None
+                run_dir = Path(out_dir) / dataset["name"] / f"{label}-s{seed}"
+                runs.append(BenchRun(dataset["name"], label, seed, tree, run_dir))
+    reference = spec.get("reference")
+    if reference is not None and reference not in labels:
+        raise ConfigError(
+            f"bench file {str(path)!r}: reference {reference!r} is not a method label "
+            f"({', '.join(labels)})"
+        )
+    return runs, reference
+
+
+def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
+    """Train one run into ``run_dir`` (in a worker process); returns the folder."""
+    import torch
+
+    from equimodal.engine.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    cfg: RunConfig = build_config(config)
+    path = Path(run_dir)
+    if path.exists():
+        shutil.rmtree(path)  # a partial run from a killed bench
+    path.mkdir(parents=True)
+    try:
+        Trainer(cfg, run_dir=path, progress=False).fit()
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def pending(runs: list[BenchRun]) -> list[BenchRun]:
+    """The runs without a finished ``metrics.json``."""
+    return [r for r in runs if not (r.run_dir / "metrics.json").is_file()]
+
+
+def execute(
+    runs: list[BenchRun],
+    jobs: int = 1,
+    on_done: Callable[[BenchRun, BaseException | None], None] | None = None,
+) -> list[tuple[BenchRun, BaseException]]:
+    """Run the pending runs on a local process pool; returns the failures."""
+    todo = pending(runs)
+    failures: list[tuple[BenchRun, BaseException]] = []
+    if not todo:
+        return failures
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(jobs, 1))
+    if jobs <= 1:
+        for run in todo:
+            try:
+                run_one(run.config, str(run.run_dir), threads)
+                error = None
+            except Exception as exc:  # one failed run must not stop the grid
+                failures.append((run, exc))
+                error = exc
+            if on_done:
+                on_done(run, error)
+        return failures
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_one, r.config, str(r.run_dir), threads): r for r in todo}
+        for future in as_completed(futures):
+            run = futures[future]
+            error = future.exception()
+            if error is not None:
+                failures.append((run, error))
+            if on_done:
+                on_done(run, error)
+    return failures
+
+
+def paired_p_values(
+    metrics: list[dict[str, Any]], reference: str, key: str = "accuracy"
+) -> dict[tuple[str, str], float]:
+    """Paired t-test over common seeds of each (dataset, label) against the reference label."""
+    from scipy.stats import ttest_rel
+
+    by: dict[tuple[str, str], dict[int, float]] = {}
+    for m in metrics:
+        by.setdefault((m["dataset"], m["run"]), {})[m["seed"]] = m["test"][key]
+    out = {}
+    for (dataset, label), scores in by.items():
+        ref = by.get((dataset, reference))
+        if label == reference or ref is None:
+            continue
+        seeds = sorted(set(scores) & set(ref))
+        if len(seeds) < 2:
+            continue
+        a = [scores[s] for s in seeds]
+        b = [ref[s] for s in seeds]
+        if a == b:
+            out[(dataset, label)] = 1.0
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # near-identical score pairs
+            out[(dataset, label)] = float(ttest_rel(a, b).pvalue)
+    return out

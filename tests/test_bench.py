@@ -1,0 +1,81 @@
+"""equimodal bench: a grid of runs, resumable, one summary with a paired test."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from equimodal.cli import app
+
+from .conftest import small_overrides
+
+
+def bench_file(tmp_path, **extra):
+    base = {}
+    for item in small_overrides(epochs=2):
+        key, value = item.split("=", 1)
+        node = base
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    dataset = base.pop("dataset")
+    base.pop("strategy")
+    spec = {
+        "seeds": [0, 1],
+        "reference": "joint",
+        "base": base,
+        "datasets": [dataset],
+        "methods": [
+            {"label": "joint", "strategy": {"name": "joint"}},
+            {"label": "ogm", "strategy": {"name": "ogm_ge", "alpha": 0.5}},
+        ],
+        **extra,
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_bench_runs_the_grid_resumes_and_summarises(tmp_path):
+    path = bench_file(tmp_path)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", str(path), "--out", str(out), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    runs = sorted(p.parent.name for p in out.rglob("metrics.json"))
+    assert runs == ["joint-s0", "joint-s1", "ogm-s0", "ogm-s1"]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["method"] for r in rows] == ["joint", "ogm"]
+    assert rows[0]["p_value"] == "" and 0.0 <= float(rows[1]["p_value"]) <= 1.0
+    assert "paired t-test" in (out / "summary.md").read_text()
+
+    # resume: finished runs are kept, a killed one (no metrics.json) is redone
+    kept = (out / "synthetic" / "joint-s0" / "metrics.json").stat().st_mtime_ns
+    (out / "synthetic" / "ogm-s1" / "metrics.json").unlink()
+    result = runner.invoke(app, ["bench", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 already finished" in " ".join(result.output.split())
+    assert (out / "synthetic" / "joint-s0" / "metrics.json").stat().st_mtime_ns == kept
+    assert (out / "synthetic" / "ogm-s1" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"reference": "nope"}, "reference 'nope' is not a method label"),
+        ({"seed": [1]}, "unknown key 'seed'"),
+        ({"methods": [{"label": "x", "strategy": {"name": "jont"}}]}, "did you mean 'joint'"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+    ],
+)
+def test_bad_bench_files(tmp_path, extra, message):
+    result = CliRunner().invoke(
+        app, ["bench", str(bench_file(tmp_path, **extra)), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
