@@ -193,3 +193,42 @@ def test_decision_calibration_strategy_fits_on_validation_only(small_config, tmp
     assert "calibration" in result.metrics["inference"]
     _, _, strategy, _ = load_run(tmp_path / "r")
     assert strategy.calibration is not None  # restored from the checkpoint
+
+
+@pytest.mark.parametrize("fusion", ["concat", "memory"])
+def test_agm_responses_sum_to_the_model_output(small_config, fusion):
+    config = small_config("agm", extra=[f"model.fusion={fusion}", "model.encoder.dropout=0"])
+    data, model, strategy = setup_strategy(config)
+    batch = next(data.train.batches(32))
+    model.eval()  # no statistics move between the passes compared here
+    phi, full = strategy.responses(batch)
+    torch.testing.assert_close(sum(phi.values()), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, model(batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_agm_coefficient_raises_the_lagging_modality():
+    from equimodal.strategies.agm import response_coefficients
+
+    # modality a's loss rose above its running average while b held: a falls behind
+    kappa = response_coefficients({"a": 1.0, "b": 0.5}, {"a": 0.5, "b": 0.5}, alpha=1.0, clip=10)
+    assert kappa["a"] > 1.0 > kappa["b"]
+    assert response_coefficients({"a": 1.0, "b": 0.5}, None, 1.0, 10) == {"a": 1.0, "b": 1.0}
+    capped = response_coefficients({"a": 50.0, "b": 0.0}, {"a": 0.0, "b": 50.0}, 1.0, clip=0.5)
+    assert capped["a"] == pytest.approx(math.exp(0.5))
+
+
+def test_agm_scales_the_gradient_into_each_response():
+    from equimodal.strategies.agm import scale_gradient
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = scale_gradient(x, 3.0)
+    torch.testing.assert_close(y, x.detach())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([3.0, 3.0]))
+
+
+def test_agm_trains_and_logs_coefficients(small_config):
+    result = Trainer(small_config("agm", epochs=3), progress=False).fit()
+    assert result.metrics["test"]["accuracy"] > 0.8
+    last = result.history[-1]["train"]
+    assert last["kappa_m0"] < 1.0 < last["kappa_m2"]  # the strong modality is held back

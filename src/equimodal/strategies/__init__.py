@@ -18,6 +18,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 def _load_builtin() -> None:
     if _STRATEGIES:
         return
+    from equimodal.strategies.agm import AGMStrategy
     from equimodal.strategies.decision_calibration import DecisionCalibrationStrategy
     from equimodal.strategies.joint import JointStrategy
     from equimodal.strategies.mla import MLAStrategy
@@ -26,6 +27,7 @@ def _load_builtin() -> None:
     from equimodal.strategies.unimodal import UnimodalStrategy
 
     for cls in (
+        AGMStrategy,
         DecisionCalibrationStrategy,
         JointStrategy,
         MLAStrategy,
