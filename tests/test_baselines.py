@@ -232,3 +232,58 @@ def test_agm_trains_and_logs_coefficients(small_config):
     assert result.metrics["test"]["accuracy"] > 0.8
     last = result.history[-1]["train"]
     assert last["kappa_m0"] < 1.0 < last["kappa_m2"]  # the strong modality is held back
+
+
+def test_udi_js_and_infonce_by_hand():
+    from equimodal.strategies.udi import choose_anchor, infonce_mutual_information, js_divergence
+
+    same = torch.tensor([[2.0, 0.0, -1.0]])
+    assert float(js_divergence(same, same)) == pytest.approx(0.0, abs=1e-7)
+    far = torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]])
+    assert float(js_divergence(*far)) == pytest.approx(math.log(2.0), abs=1e-5)  # the maximum
+    z = torch.eye(4)
+    # identical features: the bound approaches log B; unrelated (constant) ones give 0
+    assert float(infonce_mutual_information(z, z, 0.01)) == pytest.approx(math.log(4), abs=1e-3)
+    assert float(infonce_mutual_information(z, torch.ones(4, 4), 0.1)) == pytest.approx(0.0)
+    assert choose_anchor({"a": 0.8, "b": 0.9}, {"a": 0.1, "b": 0.5}) == "b"
+    assert choose_anchor({"a": 0.9, "b": 0.9}, {"a": 0.7, "b": 0.5}) == "b"  # entropy tie-break
+
+
+def test_udi_anchor_is_the_best_standalone_modality_and_stays_frozen(small_config):
+    config = small_config(
+        "udi", epochs=6, extra=["strategy.anchor_epochs=3", "train.patience=null"]
+    )
+    snapshots = {}
+    trainer = Trainer(config, progress=False)
+
+    def watch(row):
+        if row["epoch"] in (3, 6):  # end of stage 0, end of the run
+            model = trainer.model
+            snapshots[row["epoch"]] = {
+                k: v.detach().clone() for k, v in model.state_dict().items()
+            }
+
+    trainer.on_epoch = watch
+    result = trainer.fit()
+    history = result.history
+    stage0 = history[3]
+    assert [r["stage"] for r in history[1:]] == [0, 0, 0, 1, 1, 1]
+    accuracy = stage0["standalone_val_accuracy"]
+    anchor = stage0["anchor"]
+    assert accuracy[anchor] == max(accuracy.values())
+    assert anchor == "m0"  # the synthetic data's strong modality
+    before, after = snapshots[3], snapshots[6]
+    for key in before:
+        owner = key.split(".")
+        frozen = (owner[0] in ("encoders", "projections") and owner[1] == anchor) or (
+            owner[:3] == ["fusion", "heads", anchor]
+        )
+        assert torch.equal(before[key], after[key]) == frozen, key
+    assert 0.0 < history[-1]["interaction_weight"] < 1.0
+    assert result.metrics["test"]["accuracy"] > 0.8
+
+
+def test_udi_forced_anchor_must_exist(small_config):
+    config = small_config("udi", extra=["strategy.anchor=m9"])
+    with pytest.raises(ValueError, match="anchor 'm9'"):
+        Trainer(config, progress=False).fit()

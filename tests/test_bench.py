@@ -70,6 +70,7 @@ def test_bench_runs_the_grid_resumes_and_summarises(tmp_path):
         ({"seed": [1]}, "unknown key 'seed'"),
         ({"methods": [{"label": "x", "strategy": {"name": "jont"}}]}, "did you mean 'joint'"),
         ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"datasets": [{"name": "synthetic", "setting": {}}]}, "not 'setting'"),
     ],
 )
 def test_bad_bench_files(tmp_path, extra, message):
@@ -79,3 +80,17 @@ def test_bad_bench_files(tmp_path, extra, message):
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_dataset_settings_reach_every_run_on_that_dataset(tmp_path):
+    from equimodal.bench import load_bench
+
+    path = bench_file(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["datasets"][0]["settings"] = {"model": {"encoder": {"dropout": 0.3}}}
+    spec["methods"][1]["model"] = {"encoder": {"dropout": 0.2}}  # a method's own wins
+    path.write_text(yaml.safe_dump(spec))
+    runs, _ = load_bench(path, tmp_path / "o")
+    dropout = {r.label: r.config["model"]["encoder"]["dropout"] for r in runs}
+    assert dropout == {"joint": 0.3, "ogm": 0.2}
+    assert "settings" not in runs[0].config["dataset"]

@@ -7,7 +7,8 @@ A bench file (YAML)::
     base: {train: {epochs: 100, patience: 15}}     # merged into every run's config
     datasets:
       - mfeat                        # or {name: mfeat, options: {split: tmc}}
-      - htad
+      - name: htad                   # settings: merged into every run on this dataset
+        settings: {model: {encoder: {dropout: 0.3}}}
     methods:
       - {label: shapley_alternating, strategy: {name: shapley_alternating}}
       - {label: joint, strategy: {name: joint}, model: {fusion: concat}}
@@ -75,6 +76,13 @@ def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], s
             f"bench file {str(path)!r}: seeds must be a non-empty list of integers >= 0"
         )
     datasets = [d if isinstance(d, dict) else {"name": d} for d in spec.get("datasets", [])]
+    for d in datasets:
+        extra = set(d) - {"name", "options", "settings"}
+        if "name" not in d or extra:
+            raise ConfigError(
+                f"bench file {str(path)!r}: a dataset entry takes name, options and settings"
+                + (f", not {sorted(extra)[0]!r}" if extra else "; this one has no name")
+            )
     methods = spec.get("methods", [])
     if not datasets or not methods:
         raise ConfigError(f"bench file {str(path)!r} needs at least one dataset and one method")
@@ -94,8 +102,11 @@ def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], s
         labels.append(label)
         for dataset in datasets:
             for seed in seeds:
+                settings = dataset.get("settings") or {}
+                entry = {k: v for k, v in dataset.items() if k != "settings"}
                 tree = _merge(
-                    _merge(base, method), {"dataset": dataset, "seed": seed, "name": label}
+                    _merge(_merge(base, settings), method),
+                    {"dataset": entry, "seed": seed, "name": label},
                 )
                 try:
                     build_config(tree)

@@ -201,6 +201,7 @@ class Trainer:
         device = select_device(cfg.train.device)
         seed_everything(cfg.seed, cfg.train.deterministic)
         model = build_model(cfg, info).to(device)
+        self.model = model  # readable from on_epoch callbacks
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
         strategy = build_strategy(cfg.strategy)
@@ -280,6 +281,8 @@ class Trainer:
                 else:
                     stale += 1
                 strategy.on_epoch_end(epoch, report)
+                if strategy.restarts_patience():
+                    stale = 0  # a new training stage starts (e.g. udi's followers)
                 row.update(strategy.epoch_log())
                 row["best"] = improved
                 history.append(row)

@@ -24,6 +24,7 @@ def _load_builtin() -> None:
     from equimodal.strategies.mla import MLAStrategy
     from equimodal.strategies.ogm_ge import OGMGEStrategy
     from equimodal.strategies.shapley_alternating import ShapleyAlternatingStrategy
+    from equimodal.strategies.udi import UDIStrategy
     from equimodal.strategies.unimodal import UnimodalStrategy
 
     for cls in (
@@ -33,6 +34,7 @@ def _load_builtin() -> None:
         MLAStrategy,
         OGMGEStrategy,
         ShapleyAlternatingStrategy,
+        UDIStrategy,
         UnimodalStrategy,
     ):
         register_strategy(cls)

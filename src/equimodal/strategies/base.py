@@ -117,6 +117,10 @@ class Strategy:
     def on_epoch_end(self, epoch: int, report: SplitReport) -> None:
         """Called after validation of ``epoch`` (the report holds accuracy and Shapley values)."""
 
+    def restarts_patience(self) -> bool:
+        """True right after ``on_epoch_end`` started a new stage: early stopping counts anew."""
+        return False
+
     def epoch_log(self) -> dict[str, Any]:
         """Extra fields for this epoch's line of ``history.jsonl`` (e.g. the order used)."""
         return {}
