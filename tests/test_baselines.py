@@ -259,9 +259,7 @@ def test_udi_anchor_is_the_best_standalone_modality_and_stays_frozen(small_confi
     def watch(row):
         if row["epoch"] in (3, 6):  # end of stage 0, end of the run
             model = trainer.model
-            snapshots[row["epoch"]] = {
-                k: v.detach().clone() for k, v in model.state_dict().items()
-            }
+            snapshots[row["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     trainer.on_epoch = watch
     result = trainer.fit()

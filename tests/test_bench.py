@@ -52,6 +52,15 @@ def test_bench_runs_the_grid_resumes_and_summarises(tmp_path):
     assert [r["method"] for r in rows] == ["joint", "ogm"]
     assert rows[0]["p_value"] == "" and 0.0 <= float(rows[1]["p_value"]) <= 1.0
     assert "paired t-test" in (out / "summary.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| synthetic | ogm | 2 |" in report and "paired t-test" in report
+    for figure in ("synthetic_accuracy_vs_edm.png", "synthetic_balance_per_epoch.png"):
+        assert (out / "figures" / figure).stat().st_size > 10_000
+        assert f"figures/{figure}" in report
+    # `equimodal report` on the bench folder gives the same table, labels and p-values
+    again = runner.invoke(app, ["report", str(out)])
+    assert again.exit_code == 0, again.output
+    assert (out / "report.md").read_text() == report
 
     # resume: finished runs are kept, a killed one (no metrics.json) is redone
     kept = (out / "synthetic" / "joint-s0" / "metrics.json").stat().st_mtime_ns

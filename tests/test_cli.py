@@ -112,5 +112,13 @@ def test_report_summarises_seeds_and_draws_plots(tmp_path):
     assert float(row["accuracy_mean"]) == pytest.approx(sum(accs) / 2)
     for name in ("curves.png", "shapley.png", "edm.png"):
         assert (tmp_path / "synthetic-shapley_alternating-s0" / name).stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert "| synthetic | shapley_alternating (memory) | 2 |" in report
+    assert "(figures/synthetic_accuracy_vs_edm.png)" in report
+    assert (tmp_path / "figures" / "synthetic_balance_per_epoch.png").is_file()
+    # one run folder: its own curves in the report
+    single = tmp_path / "synthetic-shapley_alternating-s0"
+    assert invoke("report", str(single)).exit_code == 0
+    assert "(figures/shapley.png)" in (single / "report.md").read_text()
     empty = invoke("report", str(tmp_path / "nothing"))
     assert empty.exit_code == 2

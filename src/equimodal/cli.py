@@ -65,7 +65,8 @@ def train(
         str | None, typer.Option(help="Training method (see `equimodal strategies`).")
     ] = None,
     fusion: Annotated[
-        str | None, typer.Option(help="concat, sum, late or memory (default: the method's).")
+        str | None,
+        typer.Option(help="concat, sum, late, shared or memory (default: the method's)."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
     seed: Annotated[
@@ -193,6 +194,13 @@ def evaluate(
         typer.Option(help="Comma-separated subset of modalities to read (default: all)."),
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    competition: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure AGM's competition strength per modality (trains one "
+            "unimodal model per modality)."
+        ),
+    ] = False,
 ) -> None:
     """Re-score a saved run on its test split, optionally reading only some modalities."""
     from equimodal.engine.trainer import load_run
@@ -239,6 +247,16 @@ def evaluate(
         f"{100 * report.edm.edm:.1f} %" if report.edm is not None else "-",
     )
     out.print(table)
+    if competition:
+        from equimodal.balance.competition import measure_competition
+
+        strength = measure_competition(cfg, model, strategy.inference_kwargs(), data)
+        table = Table(title="competition strength (0: the modality's concept survives fusion)")
+        table.add_column("modality")
+        table.add_column("strength", justify="right")
+        for m, value in strength.items():
+            table.add_row(m, f"{value:.3f}")
+        out.print(table)
 
 
 @app.command()
@@ -248,27 +266,39 @@ def report(
         Path | None, typer.Option("--out", help="Write the summary here (.md or .csv).")
     ] = None,
     plots: Annotated[bool, typer.Option(help="Draw each run's plots into its folder.")] = False,
+    markdown: Annotated[
+        bool,
+        typer.Option(help="Write PATH/report.md with the table and figures (PATH/figures/)."),
+    ] = True,
 ) -> None:
-    """Summarise finished runs: mean ± std over seeds per (dataset, strategy, fusion)."""
+    """Summarise finished runs: mean ± std over seeds per method, plots, a Markdown report.
+
+    Methods are (strategy, fusion), or the bench labels in a folder written by
+    `equimodal bench`.
+    """
     from equimodal.report import (
         find_runs,
+        is_bench_dir,
         load_metrics,
         plot_run,
         summarize,
         summary_csv,
         summary_markdown,
+        write_report,
     )
 
     try:
         runs = find_runs(path)
         if not runs:
             raise FileNotFoundError(f"no finished run (metrics.json) under {str(path)!r}")
-        rows = summarize([load_metrics(r) for r in runs])
+        rows = summarize([load_metrics(r) for r in runs], by_run_name=is_bench_dir(path))
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
     text = summary_markdown(rows)
     out.print(text, highlight=False, markup=False)
+    if markdown:
+        err.print(f"wrote {write_report(path)}", highlight=False)
     if out_file is not None:
         from equimodal.engine.files import write_text_atomic
 
@@ -304,6 +334,8 @@ def bench(
         _fail(_message(exc))
         return
     todo = pending(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "bench.yaml", bench_file.read_text(encoding="utf-8"))
     err.print(
         f"[bold]equimodal bench[/] {len(runs)} runs ({len(runs) - len(todo)} already finished) "
         f"-> {out_dir}",
@@ -337,6 +369,9 @@ def bench(
         text += f"\np: paired t-test over seeds of test accuracy against {reference!r}.\n"
     write_text_atomic(out_dir / "summary.md", text)
     write_text_atomic(out_dir / "summary.csv", summary_csv(rows))
+    from equimodal.report import write_report
+
+    err.print(f"wrote {write_report(out_dir, p_values, reference)}", highlight=False)
     out.print(text, highlight=False, markup=False)
     if failures:
         raise typer.Exit(code=1)

@@ -187,3 +187,155 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def _method_label(metrics: dict[str, Any], by_run_name: bool) -> str:
+    return metrics["run"] if by_run_name else f"{metrics['strategy']} ({metrics.get('fusion')})"
+
+
+def _mean_curve(histories: list[list[dict[str, Any]]], read) -> tuple[list[int], list[float]]:
+    """Mean over runs of ``read(row)`` per epoch (each epoch over the runs that reached it)."""
+    per_epoch: dict[int, list[float]] = defaultdict(list)
+    for history in histories:
+        for row in history:
+            value = read(row)
+            if value is not None:
+                per_epoch[row["epoch"]].append(value)
+    epochs = sorted(per_epoch)
+    return epochs, [float(np.mean(per_epoch[e])) for e in epochs]
+
+
+def plot_comparison(
+    run_dirs: list[Path], out_dir: str | Path, by_run_name: bool = False
+) -> list[Path]:
+    """Per dataset: accuracy versus EDM across methods, and each method's Shapley share
+    per modality and EDM per epoch (validation, mean over seeds). Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grouped: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    metrics = {r: load_metrics(r) for r in run_dirs}
+    for r, m in metrics.items():
+        grouped[m["dataset"]][_method_label(m, by_run_name)].append(r)
+    paths = []
+    for dataset, methods in sorted(grouped.items()):
+        # accuracy versus EDM: one point per method, error bars over seeds
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for label, runs in sorted(methods.items()):
+            acc = [100 * metrics[r]["test"]["accuracy"] for r in runs]
+            dev = [100 * metrics[r]["test"]["edm"] for r in runs if "edm" in metrics[r]["test"]]
+            if not dev:
+                continue
+            ax.errorbar(
+                np.mean(dev),
+                np.mean(acc),
+                xerr=np.std(dev, ddof=1) if len(dev) > 1 else 0,
+                yerr=np.std(acc, ddof=1) if len(acc) > 1 else 0,
+                fmt="o",
+                capsize=3,
+                label=f"{label} (n={len(runs)})",
+            )
+        ax.set(
+            xlabel="EDM % (test; lower = more balanced)",
+            ylabel="test accuracy %",
+            title=f"{dataset}: accuracy versus balance",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        paths.append(out / f"{dataset}_accuracy_vs_edm.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        # per method: Shapley share per modality per epoch (top), EDM per epoch (bottom)
+        labels = sorted(methods)
+        histories = {label: [read_history(r) for r in methods[label]] for label in labels}
+        names = metrics[methods[labels[0]][0]]["modalities"]
+        cols = len(labels)
+        fig, axes = plt.subplots(
+            2, cols, figsize=(2.6 * cols + 1, 5.2), sharey="row", squeeze=False
+        )
+        for j, label in enumerate(labels):
+            top, bottom = axes[0][j], axes[1][j]
+            for n in names:
+                epochs, share = _mean_curve(
+                    histories[label],
+                    lambda row, n=n: (
+                        100 * row["val"]["shapley_share"][n]
+                        if "shapley_share" in row.get("val", {})
+                        else None
+                    ),
+                )
+                top.plot(epochs, share, label=n, lw=1.2)
+            top.axhline(100 / len(names), color="gray", ls="--", lw=0.8)
+            top.set_title(label, fontsize=8)
+            epochs, dev = _mean_curve(
+                histories[label],
+                lambda row: 100 * row["val"]["edm"] if "edm" in row.get("val", {}) else None,
+            )
+            bottom.plot(epochs, dev, color="black", lw=1.2)
+            bottom.set_xlabel("epoch")
+        axes[0][0].set_ylabel("Shapley share % (val)")
+        axes[1][0].set_ylabel("EDM % (val)")
+        axes[0][-1].legend(fontsize=7, loc="upper right")
+        fig.suptitle(f"{dataset}: per-epoch balance, mean over seeds", fontsize=10)
+        fig.tight_layout()
+        paths.append(out / f"{dataset}_balance_per_epoch.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def is_bench_dir(path: str | Path) -> bool:
+    """A folder written by ``equimodal bench`` (it keeps a copy of its bench file)."""
+    return (Path(path) / "bench.yaml").is_file()
+
+
+def write_report(
+    path: str | Path,
+    p_values: dict[tuple[str, str], float] | None = None,
+    reference: str | None = None,
+) -> Path:
+    """Render ``report.md`` (summary table and plots under ``figures/``) for a run folder,
+    a folder of runs, or a bench folder; returns the report's path."""
+    from equimodal.engine.files import write_text_atomic
+
+    root = Path(path)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no finished run (metrics.json) under {str(root)!r}")
+    by_run_name = is_bench_dir(root)
+    metrics = [load_metrics(r) for r in runs]
+    if by_run_name and p_values is None:
+        import yaml
+
+        from equimodal.bench import paired_p_values
+
+        reference = (yaml.safe_load((root / "bench.yaml").read_text()) or {}).get("reference")
+        p_values = paired_p_values(metrics, reference) if reference else None
+    rows = summarize(metrics, by_run_name=by_run_name, p_values=p_values)
+    figures = root / "figures"
+    lines = [f"# equimodal report: {root.name or root}", ""]
+    lines += [
+        f"{len(runs)} finished runs; test scores, mean ± std over seeds. Every run selected "
+        "its checkpoint on validation and read test once.",
+        "",
+        summary_markdown(rows),
+    ]
+    if reference:
+        lines.append(f"p: paired t-test over seeds of test accuracy against {reference!r}.\n")
+    if len(runs) == 1:
+        images = plot_run(runs[0], figures)
+    else:
+        images = plot_comparison(runs, figures, by_run_name=by_run_name)
+    lines.append("## Figures\n")
+    for image in images:
+        rel = image.relative_to(root)
+        lines.append(f"![{image.stem}]({rel.as_posix()})\n")
+    report_path = root / "report.md"
+    write_text_atomic(report_path, "\n".join(lines))
+    return report_path

@@ -50,9 +50,7 @@ class UDIConfig(StrategyConfig):
         5, ge=1, description="stage 0 ends when stand-alone val accuracy stalls this long"
     )
     consistency_weight: float = Field(1.0, ge=0.0, description="lambda_con of the JS term")
-    complementarity_weight: float = Field(
-        0.1, ge=0.0, description="lambda_com of the InfoNCE term"
-    )
+    complementarity_weight: float = Field(0.1, ge=0.0, description="lambda_com of the InfoNCE term")
     temperature: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
     dynamic_weights: bool = True
     anchor: str | None = Field(None, description="force this anchor instead of choosing it")
@@ -178,8 +176,11 @@ class UDIStrategy(Strategy):
             else:
                 con = com = ce * 0.0
             weight = self._dynamic_weight(con, com, z_m)
-            total = total + ce + weight * (
-                self.config.consistency_weight * con + self.config.complementarity_weight * com
+            total = (
+                total
+                + ce
+                + weight
+                * (self.config.consistency_weight * con + self.config.complementarity_weight * com)
             )
             logs[f"loss_{m}"] = float(ce.detach())
             logs[f"js_{m}"] = float(con.detach())

@@ -1,0 +1,91 @@
+"""AGM's competition strength (Li et al., ICCV 2023; METHODS.md §2.1).
+
+How much of a modality's own knowledge survives fusion. The *mono-modal concept* ``U_m``
+is the feature a separately trained unimodal model of ``m`` gives each sample. A ridge
+regression (alpha 120) maps the fused feature ``Z`` of the multimodal model to ``U_m``; it
+is fitted on data held out of training (equimodal uses the validation split) and scored on
+test: with residual ``E`` and scatter ``B = N Cov(U_m)``,
+``r_m = trace(pinv(B) E^T E) / d``. Near 0: ``Z`` still carries ``m``'s concept (little
+competition); near 1: fusion has lost it (``Z`` predicts ``U_m`` no better than its mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from equimodal.config import RunConfig
+    from equimodal.data.base import MultimodalData
+    from equimodal.models.model import MultimodalModel
+
+RIDGE_ALPHA = 120.0
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression with an unpenalised intercept: ``(W, b)`` with ``y ~ x W + b``."""
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc + alpha * np.eye(x.shape[1])
+    w = np.linalg.solve(gram, xc.T @ yc)
+    return w, y_mean - x_mean @ w
+
+
+def competition_strength(
+    z_fit: np.ndarray,
+    u_fit: np.ndarray,
+    z_test: np.ndarray,
+    u_test: np.ndarray,
+    alpha: float = RIDGE_ALPHA,
+) -> float:
+    """``trace(pinv(B) E^T E) / d`` of a ridge map from fused features to one concept."""
+    for name, arr in (("z_fit", z_fit), ("u_fit", u_fit), ("z_test", z_test), ("u_test", u_test)):
+        if arr.ndim != 2 or arr.shape[0] < 2:
+            raise ValueError(f"{name} must be a matrix with at least 2 rows, got {arr.shape}")
+    if z_fit.shape[0] != u_fit.shape[0] or z_test.shape[0] != u_test.shape[0]:
+        raise ValueError("fused features and concepts must have the same number of rows")
+    w, b = ridge_fit(z_fit.astype(np.float64), u_fit.astype(np.float64), alpha)
+    u = u_test.astype(np.float64)
+    residual = u - (z_test.astype(np.float64) @ w + b)
+    centred = u - u.mean(0)
+    scatter = centred.T @ centred
+    return float(np.trace(np.linalg.pinv(scatter) @ (residual.T @ residual)) / u.shape[1])
+
+
+def fused_features(model: MultimodalModel, cache: Any, inference: Mapping[str, Any]) -> np.ndarray:
+    """The fusion's representation ``Z`` of every sample (the input of the head)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        out = model.fuse(cache.z, cache.present, **dict(inference))
+    return out.fused.cpu().numpy()
+
+
+def measure_competition(
+    config: RunConfig,
+    model: MultimodalModel,
+    inference: Mapping[str, Any],
+    data: MultimodalData,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Competition strength of every modality of a trained run.
+
+    Trains one ``unimodal`` model per modality with the run's settings (its concept),
+    fits the ridge maps on validation and scores them on test.
+    """
+    from equimodal.engine.trainer import Trainer
+    from equimodal.evaluate import encode_split
+    from equimodal.standalone import unimodal_config
+
+    z_val = fused_features(model, encode_split(model, data.val), inference)
+    z_test = fused_features(model, encode_split(model, data.test), inference)
+    strength = {}
+    for m in data.modalities:
+        unimodal = Trainer(unimodal_config(config, m), data=data, progress=progress).fit().model
+        u_val = encode_split(unimodal, data.val).z[m].cpu().numpy()
+        u_test = encode_split(unimodal, data.test).z[m].cpu().numpy()
+        strength[m] = competition_strength(z_val, u_val, z_test, u_test)
+    return strength
