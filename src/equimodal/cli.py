@@ -378,6 +378,42 @@ def bench(
 
 
 @app.command()
+def prepare(
+    dataset: Annotated[str, typer.Argument(help="Dataset with a prepare step (e.g. cremad).")],
+    raw: Annotated[Path, typer.Option("--raw", help="Folder of the raw download.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder of the prepared dataset.")],
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="A preparer option: key=value (repeatable)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Convert raw media (wav, video) into the layout the dataset's loader reads.
+
+    Safe to re-run: finished items are skipped and partial ones replaced.
+    """
+    from equimodal.config import parse_override
+    from equimodal.prepare import prepare_dataset
+
+    options = {}
+    try:
+        for text in option or []:
+            path, value = parse_override(text)
+            options[".".join(path)] = value
+        summary = prepare_dataset(dataset, raw, out_dir, progress=not quiet, **options)
+    except (*USER_ERRORS, TypeError) as exc:
+        _fail(_message(exc))
+        return
+    out.print(
+        f"{summary.dataset}: {summary.written} items written, {summary.skipped} already "
+        f"prepared -> {out_dir}",
+        highlight=False,
+    )
+    for note in summary.notes:
+        out.print(f"note: {note}", highlight=False)
+
+
+@app.command()
 def datasets() -> None:
     """List the datasets: modalities with dimensions, classes, samples, source and licence."""
     from equimodal.data.registry import dataset_names, get_entry

@@ -41,13 +41,35 @@ class DatasetConfig(Section):
 
 
 class EncoderConfig(Section):
-    """An encoder: ``kind`` plus its options (for ``mlp``: hidden width, depth, dropout)."""
+    """An encoder: ``kind`` plus that kind's options (``equimodal encoders`` lists them).
 
-    kind: Literal["mlp"] = "mlp"
-    hidden: int = Field(256, gt=0)
-    depth: int = Field(1, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    For ``mlp``: hidden width, depth, dropout, activation. The options are validated by the
+    options model the encoder kind registers.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    kind: str = "mlp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_options(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        from equimodal.models.encoders import get_encoder_kind
+
+        kind = value.get("kind", "mlp")
+        if not isinstance(kind, str):
+            raise ValueError(f"kind must be a string, got {kind!r}")
+        entry = get_encoder_kind(kind)
+        options = {k: v for k, v in value.items() if k != "kind"}
+        try:
+            checked = entry.options.model_validate(options)
+        except ValidationError as err:
+            raise ValueError(
+                f"encoder {kind!r}: " + format_validation_error(err, entry.options)
+            ) from None
+        return {"kind": kind, **checked.model_dump()}
 
     def options(self) -> dict[str, Any]:
         """Keyword options of the encoder constructor."""

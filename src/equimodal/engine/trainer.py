@@ -124,9 +124,11 @@ class TrainResult:
     strategy: Strategy | None = None
 
 
-def _split_to(split: FeatureSplit, device: torch.device) -> FeatureSplit:
+def _split_to(split, device: torch.device):
     if device.type == "cpu":
         return split
+    if not isinstance(split, FeatureSplit):  # read from disk: batches move, not the split
+        return split.to(device)
     return FeatureSplit(
         {m: x.to(device) for m, x in split.features.items()},
         split.labels.to(device),

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from equimodal.data.base import ModalitySpec
@@ -55,13 +62,76 @@ class MLPEncoder(nn.Module):
         return self.net(x.reshape(x.shape[0], -1))
 
 
-ENCODER_NAMES = ("mlp",)
+class MLPOptions(BaseModel):
+    """Options of the ``mlp`` encoder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(1, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """A registered encoder: its builder ``(spec, **options) -> module`` and options model."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    options: type[BaseModel]
+    description: str = ""
+
+
+_ENCODERS: dict[str, EncoderKind] = {}
+# modules that register more encoder kinds when imported (skipped while not written yet)
+_BUILTIN_MODULES = ("equimodal.models.resnet", "equimodal.models.text", "equimodal.models.sequence")
+
+
+def register_encoder(
+    name: str, options: type[BaseModel], description: str = ""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``build(spec, **options) -> nn.Module`` (with ``out_dim``)."""
+
+    def decorate(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _ENCODERS[name] = EncoderKind(name, build, options, description)
+        return build
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    for module in _BUILTIN_MODULES:
+        if module not in sys.modules and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def encoder_names() -> list[str]:
+    """Names of the registered encoder kinds."""
+    _load_builtin()
+    return sorted(_ENCODERS)
+
+
+def get_encoder_kind(name: str) -> EncoderKind:
+    """The registered encoder ``name``; ValueError naming the closest kind otherwise."""
+    _load_builtin()
+    if name not in _ENCODERS:
+        close = difflib.get_close_matches(name, list(_ENCODERS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else "choose one of " + ", ".join(_ENCODERS)
+        raise ValueError(f"unknown encoder {name!r}; {hint}")
+    return _ENCODERS[name]
+
+
+@register_encoder("mlp", MLPOptions, "multilayer perceptron over a flat feature vector")
+def _build_mlp(spec: ModalitySpec, **options: Any) -> nn.Module:
+    return MLPEncoder(spec.dim, **options)
 
 
 def build_encoder(spec: ModalitySpec, kind: str, **options: object) -> nn.Module:
     """Build the encoder ``kind`` for modality ``spec``; the module exposes ``out_dim``."""
-    if kind == "mlp":
-        return MLPEncoder(spec.dim, **options)  # type: ignore[arg-type]
-    raise ValueError(
-        f"unknown encoder {kind!r} for modality {spec.name!r}; choose one of {ENCODER_NAMES}"
-    )
+    try:
+        entry = get_encoder_kind(kind)
+    except ValueError as err:
+        raise ValueError(f"modality {spec.name!r}: {err}") from None
+    checked = entry.options.model_validate(dict(options)).model_dump()
+    return entry.build(spec, **checked)

@@ -1,0 +1,145 @@
+"""Splits read item by item from disk (audio, frames, text), batched by a DataLoader.
+
+Media datasets do not fit in memory as tensors. An :class:`ItemSplit` keeps only the list
+of items, their labels and present masks; ``read(item)`` returns one sample's tensors per
+modality, and :meth:`ItemSplit.batches` runs a ``torch.utils.data.DataLoader`` (optionally
+with worker processes) and yields the same :class:`MultimodalBatch` as an in-memory split,
+so the trainer, the strategies and the evaluation do not know the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from equimodal.data.batch import MultimodalBatch
+
+Reader = Callable[[Any], dict[str, torch.Tensor]]
+
+
+class _ItemDataset(Dataset):
+    def __init__(self, split: ItemSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        return self.split.read_item(i), i
+
+
+class ItemSplit:
+    """One split of a dataset read from disk, one item at a time.
+
+    ``items[i]`` is whatever ``read`` needs (e.g. a dict of file paths); ``read(item)``
+    returns ``{modality: tensor}`` with a fixed shape per modality (``shapes``). Absent
+    modalities (``present[m][i]`` False) are not read and become zeros.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        read: Reader,
+        labels: torch.Tensor,
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, torch.dtype] | None = None,
+        present: dict[str, torch.Tensor] | None = None,
+        indices: torch.Tensor | None = None,
+        num_workers: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        n = len(items)
+        if int(labels.shape[0]) != n:
+            raise ValueError(f"{n} items but {labels.shape[0]} labels")
+        self.items = list(items)
+        self.read = read
+        self.labels = labels.long()
+        self.shapes = {m: tuple(s) for m, s in shapes.items()}
+        self.dtypes = {m: (dtypes or {}).get(m, torch.float32) for m in shapes}
+        self.indices = indices.long() if indices is not None else torch.arange(n)
+        if present is None:
+            present = {m: torch.ones(n, dtype=torch.bool) for m in shapes}
+        self.present = {m: present[m].bool() for m in shapes}
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
+
+    def to(self, device: torch.device | str) -> ItemSplit:
+        """The same split, its batches delivered on ``device``."""
+        out = ItemSplit.__new__(ItemSplit)
+        out.__dict__.update(self.__dict__)
+        out.device = torch.device(device)
+        return out
+
+    def read_item(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample ``i``'s tensors (zeros for absent modalities), shapes checked."""
+        wanted = [m for m in self.shapes if bool(self.present[m][i])]
+        got = self.read(self.items[i]) if wanted else {}
+        out = {}
+        for m, shape in self.shapes.items():
+            if m in wanted:
+                if m not in got:
+                    raise ValueError(f"item {self.items[i]!r}: the reader returned no {m!r}")
+                x = got[m]
+                if tuple(x.shape) != shape:
+                    raise ValueError(
+                        f"item {self.items[i]!r}: modality {m!r} has shape {tuple(x.shape)}, "
+                        f"expected {shape}"
+                    )
+                out[m] = x.to(self.dtypes[m])
+            else:
+                out[m] = torch.zeros(shape, dtype=self.dtypes[m])
+        return out
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[MultimodalBatch]:
+        """Iterate over mini-batches; ``shuffle`` draws the order from ``generator``."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        loader = DataLoader(
+            _ItemDataset(self),
+            batch_size=batch_size,
+            sampler=order[:stop].tolist(),
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        for inputs, rows in loader:
+            rows = torch.as_tensor(rows)
+            batch = MultimodalBatch(
+                inputs=inputs,
+                present={m: p[rows] for m, p in self.present.items()},
+                labels=self.labels[rows],
+                indices=self.indices[rows],
+            )
+            yield batch if self.device.type == "cpu" else batch.to(self.device)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches ``batches(batch_size, drop_last=...)`` yields."""
+        n = len(self)
+        if drop_last and n >= batch_size:
+            return n // batch_size
+        return (n + batch_size - 1) // batch_size
+
+
+def _collate(samples: list[tuple[dict[str, torch.Tensor], int]]):
+    names = list(samples[0][0])
+    inputs = {m: torch.stack([s[0][m] for s in samples]) for m in names}
+    return inputs, [s[1] for s in samples]
