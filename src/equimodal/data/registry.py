@@ -40,9 +40,26 @@ def register_dataset(info: DatasetInfo) -> Callable[[Loader], Loader]:
     return decorate
 
 
+# media datasets: registered when their module exists (they are optional parts of the tree)
+_MEDIA_MODULES = (
+    "equimodal.data.cremad",
+    "equimodal.data.kinetics_sounds",
+    "equimodal.data.mvsa",
+    "equimodal.data.iemocap",
+)
+
+
 def _ensure_builtin_loaded() -> None:
     # Importing the modules registers the built-in datasets.
+    import importlib
+    import importlib.util
+    import sys
+
     from equimodal.data import htad, mfeat, synthetic  # noqa: F401
+
+    for module in _MEDIA_MODULES:
+        if module not in sys.modules and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
 
 
 def closest_name(name: str, choices: list[str] | tuple[str, ...]) -> str:
