@@ -201,6 +201,14 @@ def evaluate(
             "unimodal model per modality)."
         ),
     ] = False,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            help="Also score every modality subset, random missing modalities (eta 0.1-0.5) "
+            "and input noise (sigma 0.5, 1, 5); writes RUN/robustness/."
+        ),
+    ] = False,
+    draws: Annotated[int, typer.Option(help="Random draws per missing rate / noise level.")] = 5,
 ) -> None:
     """Re-score a saved run on its test split, optionally reading only some modalities."""
     from equimodal.engine.trainer import load_run
@@ -247,6 +255,17 @@ def evaluate(
         f"{100 * report.edm.edm:.1f} %" if report.edm is not None else "-",
     )
     out.print(table)
+    if robustness:
+        from equimodal.robustness import evaluate_robustness, robustness_markdown, write_robustness
+
+        if draws < 1:
+            _fail(f"--draws must be at least 1, got {draws}")
+        result = evaluate_robustness(
+            model, data.test, strategy.inference_kwargs(), draws=draws, seed=cfg.seed
+        )
+        out.print(robustness_markdown(result), highlight=False, markup=False)
+        for p in write_robustness(result, run_dir / "robustness"):
+            err.print(f"wrote {p}", highlight=False)
     if competition:
         from equimodal.balance.competition import measure_competition
 
