@@ -1,0 +1,35 @@
+"""The README results table is the bench's own summary, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results/readme/summary.md -->", "<!-- end results/readme/summary.md -->"
+
+
+def test_readme_table_matches_the_bench_summary():
+    summary = ROOT / "results" / "readme" / "summary.md"
+    if not summary.is_file():
+        pytest.skip("results/readme is not in this checkout")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert START in readme and END in readme, "README lost the markers around the results table"
+    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == summary.read_text(encoding="utf-8").strip()
+
+
+def test_bench_summary_matches_its_run_folders():
+    from equimodal.bench import paired_p_values
+    from equimodal.report import find_runs, load_metrics, summarize, summary_markdown
+
+    root = ROOT / "results" / "readme"
+    if not (root / "summary.md").is_file():
+        pytest.skip("results/readme is not in this checkout")
+    metrics = [load_metrics(r) for r in find_runs(root)]
+    rows = summarize(
+        metrics, by_run_name=True, p_values=paired_p_values(metrics, "shapley_alternating")
+    )
+    table = summary_markdown(rows)
+    assert table.strip() in (root / "summary.md").read_text(encoding="utf-8")
