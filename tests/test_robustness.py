@@ -78,3 +78,35 @@ def test_evaluate_robustness_cli_writes_tables_and_plot(tmp_path):
     assert "| missing rate eta" in (folder / "robustness.md").read_text()
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--robustness", "--draws", "0"])
     assert bad.exit_code == 2
+
+
+def test_training_with_missing_modalities_learns_the_missing_embedding(small_config):
+    complete = Trainer(small_config("joint", 2, ["model.fusion=concat"]), progress=False).fit()
+    assert torch.count_nonzero(complete.model.fusion.missing) == 0  # exactly zero-filled
+    config = small_config("joint", 2, ["model.fusion=concat", "train.missing_rate=0.4"])
+    dropped = Trainer(config, progress=False).fit()
+    assert torch.count_nonzero(dropped.model.fusion.missing) > 0
+    assert dropped.metrics["test"]["accuracy"] > 0.8
+
+
+def test_train_missing_rate_flag_and_its_bounds(tmp_path):
+    runner = CliRunner()
+    sets = [a for o in small_overrides("joint", 1) for a in ("--set", o)]
+    ok = runner.invoke(
+        app, ["train", "-q", "--out", str(tmp_path), "--train-missing-rate", "0.3", *sets]
+    )
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(
+        app, ["train", "-q", "--out", str(tmp_path / "b"), "--train-missing-rate", "1", *sets]
+    )
+    assert bad.exit_code == 2 and "missing_rate" in bad.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_sample_without_any_modality_is_named():
+    from equimodal.data.base import FeatureSplit
+
+    present = {"a": torch.tensor([True, False, True]), "b": torch.tensor([True, False, False])}
+    features = {m: torch.zeros(3, 2) for m in present}
+    with pytest.raises(ValueError, match="sample 11 has no modality at all"):
+        FeatureSplit(features, torch.zeros(3), torch.tensor([10, 11, 12]), present)

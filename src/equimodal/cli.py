@@ -83,6 +83,13 @@ def train(
     name: Annotated[
         str | None, typer.Option(help="Run folder name (default <dataset>-<strategy>-s<seed>).")
     ] = None,
+    train_missing_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop each (sample, modality) of a training batch with this probability "
+            "(at least one modality kept per sample)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Train a model; with no options, `shapley_alternating` on mfeat (tmc split)."""
@@ -97,6 +104,7 @@ def train(
         ("train.epochs", epochs),
         ("seed", seed),
         ("name", name),
+        ("train.missing_rate", train_missing_rate),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -131,6 +131,9 @@ class TrainConfig(Section):
     shapley: ShapleyConfig = Field(default_factory=ShapleyConfig)
     #: add relative EDM to the final metrics (trains a unimodal model per modality, cached)
     relative_edm: bool = True
+    #: drop each (sample, modality) of a training batch with this probability, keeping at
+    #: least one modality per sample (robustness to missing modalities)
+    missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 DEFAULT_STRATEGY = "shapley_alternating"

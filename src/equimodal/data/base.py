@@ -45,6 +45,20 @@ class DatasetInfo:
         return tuple(m.name for m in self.modalities)
 
 
+def check_some_modality(present: dict[str, torch.Tensor], indices: torch.Tensor) -> None:
+    """ValueError naming the first sample whose every modality is absent."""
+    if not present:
+        return
+    stacked = torch.stack([p.bool() for p in present.values()], 1)
+    empty = ~stacked.any(1)
+    if bool(empty.any()):
+        first = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"sample {int(indices[first])} has no modality at all (all of "
+            f"{', '.join(present)} are absent); {int(empty.sum())} such samples in total"
+        )
+
+
 class FeatureSplit:
     """One split of a dataset held in memory as tensors (vector features per modality).
 
@@ -71,6 +85,7 @@ class FeatureSplit:
         if present is None:
             present = {m: torch.ones(n, dtype=torch.bool) for m in features}
         self.present = {m: present[m].bool() for m in features}
+        check_some_modality(self.present, self.indices)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from equimodal.data.base import check_some_modality
 from equimodal.data.batch import MultimodalBatch
 
 Reader = Callable[[Any], dict[str, torch.Tensor]]
@@ -63,6 +64,7 @@ class ItemSplit:
         if present is None:
             present = {m: torch.ones(n, dtype=torch.bool) for m in shapes}
         self.present = {m: present[m].bool() for m in shapes}
+        check_some_modality(self.present, self.indices)
         self.num_workers = num_workers
         self.device = torch.device(device)
 

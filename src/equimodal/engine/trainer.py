@@ -31,6 +31,7 @@ from equimodal.engine.checkpoint import load_model_state, read_checkpoint, save_
 from equimodal.engine.files import write_json_atomic, write_text_atomic
 from equimodal.evaluate import SplitReport, class_prior, encode_split, evaluate_cache
 from equimodal.models.model import MultimodalModel
+from equimodal.robustness import drop_modalities
 from equimodal.strategies import Strategy, TrainContext, build_strategy
 
 
@@ -252,6 +253,8 @@ class Trainer:
                 sums: dict[str, float] = {}
                 count = 0
                 for batch in train.batches(tc.batch_size, shuffle=True, generator=generator):
+                    if tc.missing_rate > 0:
+                        batch.present = drop_modalities(batch.present, tc.missing_rate, generator)
                     logs = strategy.training_step(batch)
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + v

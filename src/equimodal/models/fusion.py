@@ -71,18 +71,28 @@ class Fusion(nn.Module):
 
 
 class ConcatFusion(Fusion):
-    """Concatenate ``z_m`` in dataset order (zeros for absent) and apply one linear head."""
+    """Concatenate ``z_m`` in dataset order and apply one linear head.
+
+    An absent modality (masked out, or left out of the coalition) fills its block with a
+    learned *missing embedding*, initialised to zeros: it only moves when training sees
+    absent modalities (``train.missing_rate`` or incomplete data), so on complete data the
+    model is exactly zero-filled concatenation.
+    """
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__(modalities, dim, num_classes)
         self.head = nn.Linear(dim * len(self.modalities), num_classes)
+        self.missing = nn.Parameter(torch.zeros(len(self.modalities), dim))
 
     def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
         ref = next(iter(z.values()))
-        blocks = [
-            _mask(z[m], present[m]) if m in z else ref.new_zeros(ref.shape[0], self.dim)
-            for m in self.modalities
-        ]
+        blocks = []
+        for k, m in enumerate(self.modalities):
+            fill = self.missing[k].to(ref.dtype).expand(ref.shape[0], self.dim)
+            if m in z:
+                blocks.append(torch.where(present[m].unsqueeze(1), z[m], fill))
+            else:
+                blocks.append(fill)
         fused = torch.cat(blocks, dim=1)
         return FusionOutput(logits=self.head(fused), fused=fused, aux_losses=[])
 
