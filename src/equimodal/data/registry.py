@@ -55,7 +55,7 @@ def _ensure_builtin_loaded() -> None:
     import importlib.util
     import sys
 
-    from equimodal.data import htad, mfeat, synthetic  # noqa: F401
+    from equimodal.data import features, htad, mfeat, synthetic  # noqa: F401
 
     for module in _MEDIA_MODULES:
         if module not in sys.modules and importlib.util.find_spec(module) is not None:

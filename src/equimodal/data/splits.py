@@ -46,21 +46,28 @@ def build_data(
     rows: Mapping[str, np.ndarray],
     standardize: bool = True,
     options: dict[str, object] | None = None,
+    present: Mapping[str, np.ndarray] | None = None,
 ) -> MultimodalData:
     """Assemble a :class:`MultimodalData` from full arrays and the row ids of each split.
 
     With ``standardize``, each feature is z-scored with the mean and standard deviation
-    of the **training rows only** (a constant feature gets standard deviation 1).
+    of the **training rows only** (a constant feature gets standard deviation 1); with
+    ``present`` masks, only present training rows count and absent rows are zeros.
     """
     train_rows = rows["train"]
+    n = int(np.asarray(labels).shape[0])
+    masks = {m: np.ones(n, dtype=bool) if present is None else present[m] for m in features}
     prepared: dict[str, np.ndarray] = {}
     for name, x in features.items():
         x = np.asarray(x, dtype=np.float64)
         if standardize:
-            mean = x[train_rows].mean(axis=0)
-            std = x[train_rows].std(axis=0)
+            fit_rows = train_rows[masks[name][train_rows]]
+            if len(fit_rows) == 0:
+                raise ValueError(f"modality {name!r} is absent from every training sample")
+            mean = x[fit_rows].mean(axis=0)
+            std = x[fit_rows].std(axis=0)
             std[std == 0] = 1.0
-            x = (x - mean) / std
+            x = np.where(masks[name][:, None], (x - mean) / std, 0.0)
         prepared[name] = x.astype(np.float32)
 
     def split(ids: np.ndarray) -> FeatureSplit:
@@ -69,6 +76,7 @@ def build_data(
             {m: torch.from_numpy(x[ids]) for m, x in prepared.items()},
             torch.from_numpy(np.asarray(labels)[ids].astype(np.int64)),
             torch.from_numpy(ids),
+            {m: torch.from_numpy(masks[m][ids]) for m in prepared},
         )
 
     return MultimodalData(
