@@ -99,9 +99,19 @@ def read_checkpoint(
     return model_state, header.get("meta", {}), optim_state
 
 
+#: parameter names a checkpoint may lack; the model's initial value is kept
+OPTIONAL_TENSORS = ("missing",)
+
+
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` strictly; CheckpointError names the first mismatch."""
     expected = model.state_dict()
+    state = dict(state)
+    for key, value in expected.items():
+        # tensors added after a checkpoint format was written, whose initial value is
+        # the old behaviour (e.g. concat's missing embedding, zeros = zero-filling)
+        if key not in state and key.rsplit(".", 1)[-1] in OPTIONAL_TENSORS:
+            state[key] = value.detach().clone()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:
