@@ -110,3 +110,17 @@ def test_a_sample_without_any_modality_is_named():
     features = {m: torch.zeros(3, 2) for m in present}
     with pytest.raises(ValueError, match="sample 11 has no modality at all"):
         FeatureSplit(features, torch.zeros(3), torch.tensor([10, 11, 12]), present)
+
+
+def test_a_checkpoint_without_the_missing_embedding_still_loads(small_config):
+    from equimodal.engine.checkpoint import load_model_state
+
+    model = Trainer(small_config("joint", 1, ["model.fusion=concat"]), progress=False).fit().model
+    state = {k: v for k, v in model.state_dict().items() if k != "fusion.missing"}
+    load_model_state(model, state, "old.safetensors")
+    assert torch.count_nonzero(model.fusion.missing) == 0
+    from equimodal.engine.checkpoint import CheckpointError
+
+    del state["fusion.head.bias"]
+    with pytest.raises(CheckpointError, match="missing 'fusion.head.bias'"):
+        load_model_state(model, state, "old.safetensors")
