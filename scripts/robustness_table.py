@@ -1,4 +1,6 @@
-"""Robustness table of bench runs: `python scripts/robustness_table.py results/readme joint shapley_alternating`.
+"""Robustness table of bench runs.
+
+Usage: `python scripts/robustness_table.py results/readme joint shapley_alternating`.
 
 For every run folder `<bench>/<dataset>/<label>-s<seed>` of the named labels, scores the
 selected checkpoint on its test split under missing modalities and noise
