@@ -405,6 +405,39 @@ def bench(
 
 
 @app.command()
+def diagnose(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `equimodal train`.")],
+    competition: Annotated[
+        bool,
+        typer.Option(help="Add AGM competition strength (trains one unimodal model each)."),
+    ] = False,
+    draws: Annotated[int, typer.Option(help="Random draws per missing rate / noise level.")] = 5,
+) -> None:
+    """Which modality is lazy, and by how much: RUN/diagnose/report.html and report.md."""
+    import time
+
+    from equimodal.diagnose import diagnose_run, write_diagnosis
+
+    if draws < 1:
+        _fail(f"--draws must be at least 1, got {draws}")
+    started = time.perf_counter()
+    try:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+        diagnosis = diagnose_run(run_dir, competition=competition, draws=draws)
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    paths = write_diagnosis(diagnosis, run_dir / "diagnose")
+    for sentence in diagnosis.summary:
+        out.print(f"- {sentence}", highlight=False)
+    err.print(
+        f"wrote {paths['html']} and {paths['markdown']} in {time.perf_counter() - started:.1f} s",
+        highlight=False,
+    )
+
+
+@app.command()
 def prepare(
     dataset: Annotated[str, typer.Argument(help="Dataset with a prepare step (e.g. cremad).")],
     raw: Annotated[Path, typer.Option("--raw", help="Folder of the raw download.")],
