@@ -103,3 +103,15 @@ def test_dataset_settings_reach_every_run_on_that_dataset(tmp_path):
     dropout = {r.label: r.config["model"]["encoder"]["dropout"] for r in runs}
     assert dropout == {"joint": 0.3, "ogm": 0.2}
     assert "settings" not in runs[0].config["dataset"]
+
+
+def test_bench_adds_robustness_columns(tmp_path):
+    path = bench_file(tmp_path, robustness=True, seeds=[0])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "synthetic" / "joint-s0" / "robustness" / "robustness.json").is_file()
+    header = (out / "summary.md").read_text().splitlines()[0]
+    assert header.endswith("| missing 0.5 % | strongest removed % |")
+    row = next(r for r in csv.DictReader((out / "summary.csv").open()) if r["method"] == "ogm")
+    assert 0.0 < float(row["missing_0.5_mean"]) <= 1.0

@@ -33,7 +33,7 @@ from typing import Any
 
 from equimodal.config import ConfigError, RunConfig, build_config, load_yaml
 
-BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods"}
+BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,33 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return run_dir
+
+
+def bench_wants_robustness(path: str | Path) -> bool:
+    """Whether the bench file asks for robustness columns (``robustness: true``)."""
+    value = load_yaml(path).get("robustness", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"bench file {str(path)!r}: robustness must be true or false")
+    return value
+
+
+def add_robustness(runs: list[BenchRun], draws: int = 5) -> int:
+    """Score each finished run without ``robustness/robustness.json``; returns how many."""
+    from equimodal.engine.trainer import load_run
+    from equimodal.robustness import evaluate_robustness, write_robustness
+
+    done = 0
+    for run in runs:
+        target = run.run_dir / "robustness" / "robustness.json"
+        if not (run.run_dir / "metrics.json").is_file() or target.is_file():
+            continue
+        cfg, model, strategy, data = load_run(run.run_dir)
+        result = evaluate_robustness(
+            model, data.test, strategy.inference_kwargs(), draws=draws, seed=cfg.seed
+        )
+        write_robustness(result, run.run_dir / "robustness")
+        done += 1
+    return done
 
 
 def pending(runs: list[BenchRun]) -> list[BenchRun]:

@@ -349,7 +349,14 @@ def bench(
     """Run a grid of runs (resumable) and write summary.md and summary.csv."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from equimodal.bench import execute, load_bench, paired_p_values, pending
+    from equimodal.bench import (
+        add_robustness,
+        bench_wants_robustness,
+        execute,
+        load_bench,
+        paired_p_values,
+        pending,
+    )
     from equimodal.engine.files import write_text_atomic
     from equimodal.report import load_metrics, summarize, summary_csv, summary_markdown
 
@@ -357,6 +364,7 @@ def bench(
         _fail(f"--jobs must be at least 1, got {jobs}")
     try:
         runs, reference = load_bench(bench_file, out_dir)
+        robustness = bench_wants_robustness(bench_file)
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
@@ -386,6 +394,10 @@ def bench(
         failures = execute(runs, jobs=jobs, on_done=done)
     for run, error in failures:
         err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+    if robustness:
+        added = add_robustness(runs)
+        if added:
+            err.print(f"robustness scored for {added} runs", highlight=False)
     finished = [load_metrics(r.run_dir) for r in runs if (r.run_dir / "metrics.json").is_file()]
     if not finished:
         _fail("no run finished")

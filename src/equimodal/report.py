@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -32,9 +33,15 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     """The ``metrics.json`` of a run folder."""
     path = Path(run_dir) / "metrics.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {str(path)!r}: {err}") from None
+    robustness = Path(run_dir) / "robustness" / "robustness.json"
+    if robustness.is_file():  # written by `equimodal evaluate --robustness` or the bench
+        # an unreadable robustness file only loses its columns
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            metrics["robustness"] = json.loads(robustness.read_text(encoding="utf-8"))
+    return metrics
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -71,6 +78,16 @@ def summarize(
         for key in ("accuracy", "macro_f1", "edm", "relative_edm"):
             row[key] = _mean_std([r["test"][key] for r in runs if key in r["test"]] or [math.nan])
         row["train_time_s"] = _mean_std([r["train_time_s"] for r in runs])
+        robust = [r["robustness"] for r in runs if "robustness" in r]
+        if robust and len(robust) == len(runs) and all("strongest_removed" in x for x in robust):
+            row["missing_0.5"] = _mean_std(
+                [next(m["accuracy"] for m in x["missing"] if m["eta"] == 0.5) for x in robust]
+                if all(any(m["eta"] == 0.5 for m in x["missing"]) for x in robust)
+                else [math.nan]
+            )
+            row["strongest_removed"] = _mean_std(
+                [x["strongest_removed"]["without"] for x in robust]
+            )
         names = runs[0]["modalities"]
         row["share"] = {n: _mean_std([r["test"]["shapley_share"][n] for r in runs]) for n in names}
         rows.append(row)
@@ -86,10 +103,13 @@ def _pct(pair: tuple[float, float], digits: int = 2) -> str:
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table (percentages; Shapley shares per modality)."""
+    robust = any("missing_0.5" in r for r in rows)
+    extra_head = " missing 0.5 % | strongest removed % |" if robust else ""
     lines = [
         "| dataset | method | seeds | test accuracy % | macro-F1 % | EDM % "
-        "| relative EDM % | Shapley share per modality % | train time s | p (paired) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| relative EDM % | Shapley share per modality % | train time s | p (paired) |"
+        + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if robust else ""),
     ]
     for r in rows:
         shares = ", ".join(f"{n} {100 * v[0]:.0f}" for n, v in r["share"].items())
@@ -99,6 +119,12 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['dataset']} | {r['method']} | {len(r['seeds'])} "
             f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['edm'], 1)} "
             f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} | {p_text} |"
+            + (
+                f" {_pct(r.get('missing_0.5', (math.nan, 0.0)))} "
+                f"| {_pct(r.get('strongest_removed', (math.nan, 0.0)))} |"
+                if robust
+                else ""
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -109,7 +135,8 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf)
     share_names = sorted({n for r in rows for n in r["share"]})
     header = ["dataset", "method", "strategy", "fusion", "n_seeds"]
-    for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
+    extra = [k for k in ("missing_0.5", "strongest_removed") if any(k in r for r in rows)]
+    for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s", *extra):
         header += [f"{key}_mean", f"{key}_std"]
     header += [f"share_{n}_mean" for n in share_names] + ["p_value"]
     writer.writerow(header)
@@ -117,6 +144,8 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
         line = [r["dataset"], r["method"], r["strategy"], r["fusion"], len(r["seeds"])]
         for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s"):
             line += list(r[key])
+        for key in extra:
+            line += list(r.get(key, ("", "")))
         line += [r["share"][n][0] if n in r["share"] else "" for n in share_names]
         line.append("" if r["p_value"] is None else r["p_value"])
         writer.writerow(line)
