@@ -45,6 +45,28 @@ class DatasetInfo:
         return tuple(m.name for m in self.modalities)
 
 
+def batch_order(
+    n: int,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_last: bool,
+) -> torch.Tensor:
+    """The row order of one pass over ``n`` samples, cut to whole batches with ``drop_last``."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return order[:stop]
+
+
+def count_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """How many batches one pass over ``n`` samples yields."""
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return (n + batch_size - 1) // batch_size
+
+
 def check_some_modality(present: dict[str, torch.Tensor], indices: torch.Tensor) -> None:
     """ValueError naming the first sample whose every modality is absent."""
     if not present:
@@ -111,12 +133,8 @@ class FeatureSplit:
         drop_last: bool = False,
     ) -> Iterator[MultimodalBatch]:
         """Iterate over mini-batches; ``shuffle`` draws the order from ``generator``."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
+        order = batch_order(len(self), batch_size, shuffle, generator, drop_last)
+        for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             yield MultimodalBatch(
                 inputs={m: x[rows] for m, x in self.features.items()},
@@ -127,10 +145,7 @@ class FeatureSplit:
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches ``batches(batch_size, drop_last=...)`` yields."""
-        n = len(self)
-        if drop_last and n >= batch_size:
-            return n // batch_size
-        return (n + batch_size - 1) // batch_size
+        return count_batches(len(self), batch_size, drop_last)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from equimodal.data.base import check_some_modality
+from equimodal.data.base import batch_order, check_some_modality, count_batches
 from equimodal.data.batch import MultimodalBatch
 
 Reader = Callable[[Any], dict[str, torch.Tensor]]
@@ -66,6 +66,7 @@ class ItemSplit:
         self.present = {m: present[m].bool() for m in shapes}
         check_some_modality(self.present, self.indices)
         self.num_workers = num_workers
+        self.passes = 0  # passes over the split so far: seeds the loader's workers
         self.device = torch.device(device)
 
     def __len__(self) -> int:
@@ -110,18 +111,19 @@ class ItemSplit:
         drop_last: bool = False,
     ) -> Iterator[MultimodalBatch]:
         """Iterate over mini-batches; ``shuffle`` draws the order from ``generator``."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        order = batch_order(len(self), batch_size, shuffle, generator, drop_last)
+        self.passes += 1
         loader = DataLoader(
             _ItemDataset(self),
             batch_size=batch_size,
-            sampler=order[:stop].tolist(),
+            sampler=order.tolist(),
             num_workers=self.num_workers,
             collate_fn=_collate,
             persistent_workers=False,
+            # its own generator: the loader would otherwise draw its workers' seed from the
+            # global RNG and shift every dropout mask after it (runs would not reproduce
+            # the in-memory split's)
+            generator=torch.Generator().manual_seed(self.passes),
         )
         for inputs, rows in loader:
             rows = torch.as_tensor(rows)
@@ -135,10 +137,7 @@ class ItemSplit:
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches ``batches(batch_size, drop_last=...)`` yields."""
-        n = len(self)
-        if drop_last and n >= batch_size:
-            return n // batch_size
-        return (n + batch_size - 1) // batch_size
+        return count_batches(len(self), batch_size, drop_last)
 
 
 def _collate(samples: list[tuple[dict[str, torch.Tensor], int]]):
