@@ -33,6 +33,8 @@ USER_ERRORS = (
     TypeError,
     FileNotFoundError,
     NotADirectoryError,
+    # a missing optional dependency: the message carries the pip install hint
+    ImportError,
 )
 
 
