@@ -27,7 +27,15 @@ from equimodal.data.registry import load_dataset
 from equimodal.models.encoders import build_encoder
 from equimodal.models.resnet import ResNet18, load_resnet18_weights
 
-from .av_fixtures import make_cremad_raw, make_kinetics_raw, make_video, write_jpg
+from .av_fixtures import (
+    CREMAD_CLASSES,
+    class_color,
+    make_cremad_raw,
+    make_kinetics_raw,
+    make_video,
+    write_jpg,
+    write_wav,
+)
 
 pytest.importorskip("soundfile")
 pytest.importorskip("PIL")
@@ -496,7 +504,7 @@ def test_missing_ffmpeg_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 2
     text = one_line(result)
     assert "ffmpeg is needed" in text and "pip install imageio-ffmpeg" in text
-    assert not list((tmp_path / "root").iterdir())  # stopped before writing anything
+    assert not (tmp_path / "root").exists()  # stopped before writing anything
     from equimodal.data.media import extract_frames
 
     with pytest.raises(FileNotFoundError, match="ffmpeg"):
@@ -576,3 +584,45 @@ def test_configs_are_valid():
             assert cfg.dataset.name == name and cfg.strategy.name == method
             assert {e.kind for e in cfg.model.encoders.values()} == {"resnet18"}
             assert cfg.optim.name == "sgd" and cfg.train.eval_batch_size <= 64
+
+
+def test_cremad_without_split_files_uses_the_shipped_test_list(tmp_path):
+    from equimodal.data.cremad import PACKAGED_TEST_SPLIT, read_split_file
+
+    shipped, labels, _ = read_split_file(PACKAGED_TEST_SPLIT)
+    assert len(shipped) == 744 and len(set(shipped)) == 744
+    # OGM-GE's labels agree with the emotion in the clip name
+    assert all(c.split("_")[2] == CREMAD_CLASSES[y] for c, y in zip(shipped, labels, strict=True))
+    raw = tmp_path / "raw"
+    make_cremad_raw(raw, train_per_class=1, test_per_class=0, videos=0)
+    (raw / "train.csv").unlink()
+    (raw / "test.csv").unlink()
+    in_test = shipped[:3]
+    for clip in in_test:
+        write_wav(raw / "AudioWAV" / f"{clip}.wav", 1.0, freq=300)
+        label = CREMAD_CLASSES.index(clip.split("_")[2])
+        write_jpg(raw / "Image-01-FPS" / clip / "frame_00001.jpg", class_color(label))
+    result = runner.invoke(
+        app, ["prepare", "cremad", "--raw", str(raw), "--out", str(tmp_path / "root"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "OGM-GE's list shipped with equimodal (3 of its 744" in one_line(result)
+    test_rows = (tmp_path / "root" / "test.csv").read_text().splitlines()
+    train_rows = (tmp_path / "root" / "train.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in test_rows] == in_test
+    assert len(train_rows) == len(CREMAD_CLASSES)
+    assert not {r.split(",")[0] for r in train_rows} & set(in_test)
+    assert all(r.split(",")[1] == r.split(",")[0].split("_")[2] for r in train_rows)
+
+
+def test_cremad_without_split_files_or_shipped_clips_names_the_fix(tmp_path):
+    raw = tmp_path / "raw"
+    make_cremad_raw(raw, train_per_class=1, test_per_class=0, videos=0)
+    (raw / "train.csv").unlink()
+    (raw / "test.csv").unlink()
+    result = runner.invoke(
+        app, ["prepare", "cremad", "--raw", str(raw), "--out", str(tmp_path / "root"), "-q"]
+    )
+    assert result.exit_code == 2
+    assert "none of the 744 clips of OGM-GE's test list" in one_line(result)
+    assert not (tmp_path / "root").exists()

@@ -83,8 +83,16 @@ def prepare_dataset(
     if not raw.is_dir():
         raise FileNotFoundError(f"raw folder {str(raw)!r} does not exist")
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return _PREPARERS[name](raw, out, progress=progress, **options)
+    try:
+        return _PREPARERS[name](raw, out, progress=progress, **options)
+    except BaseException:
+        # a run that failed before writing anything leaves no empty folder behind;
+        # finished items of an earlier or partial run stay for the next attempt
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 @contextmanager

@@ -5,8 +5,9 @@ Crowd-sourced Emotional Multimodal Actors Dataset", IEEE Trans. Affective Comput
 2014; https://github.com/CheyneyComputerScience/CREMA-D, Open Database License v1.0
 (contents: Database Contents License v1.0). The train / test split is the one of OGM-GE
 (Peng et al., CVPR 2022): ``train.csv`` / ``test.csv`` with rows ``clip,LABEL`` (6698 /
-744 clips). The split files are not shipped with equimodal; they come with the raw data
-(see ``docs/datasets_audio_visual.md``).
+744 clips). The test list ships with equimodal (``data/files/cremad_ogmge_test.csv``, from
+github.com/GeWu-Lab/OGM-GE_CVPR2022, MIT licence); without split files in the raw folder
+train is every other clip, so the split is reproducible from the download alone.
 
 Raw layout (``equimodal prepare cremad --raw RAW --out ROOT``)::
 
@@ -61,6 +62,8 @@ from equimodal.prepare import PrepareSummary, find_ffmpeg, register_preparer
 
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE's class ids 0..5
 SPLIT_FILES = {"train": "train.csv", "test": "test.csv"}
+#: OGM-GE's CREMA-D test list (744 clips; github.com/GeWu-Lab/OGM-GE_CVPR2022, MIT licence)
+PACKAGED_TEST_SPLIT = Path(__file__).parent / "files" / "cremad_ogmge_test.csv"
 INFO = DatasetInfo(
     name="cremad",
     modalities=(
@@ -189,20 +192,56 @@ class CremadPrepareOptions(BaseModel):
     overwrite: bool = False
 
 
+def clip_label(clip: str) -> int:
+    """Class id of a CREMA-D clip from its name ``actor_sentence_EMOTION_level``."""
+    parts = clip.split("_")
+    if len(parts) < 3 or parts[2] not in CLASSES:
+        raise ValueError(
+            f"CREMA-D clip name {clip!r} does not carry an emotion "
+            f"(expected actor_sentence_EMOTION_level with EMOTION one of {' '.join(CLASSES)})"
+        )
+    return CLASSES.index(parts[2])
+
+
+def _split_from_clips(clips: list[str]) -> tuple[list[str], list[int], list[str]]:
+    labels = [clip_label(clip) for clip in clips]
+    return clips, labels, [f"{c},{CLASSES[y]}" for c, y in zip(clips, labels, strict=True)]
+
+
 def _read_or_derive_splits(
     raw: Path, opts: CremadPrepareOptions
 ) -> tuple[dict[str, tuple[list[str], list[int], list[str]]], list[str]]:
+    """The train / test split: the raw folder's files when present, else derived.
+
+    Test falls back to OGM-GE's list shipped with equimodal; train to ``data.csv`` minus
+    test, or else to every wav in the audio folder that is not in test (the label comes
+    from the clip name), which reproduces OGM-GE's 6698 / 744 split of the full download.
+    """
     notes: list[str] = []
-    if not (raw / opts.test_split).is_file():
-        raise FileNotFoundError(
-            f"CREMA-D split file {str(raw / opts.test_split)!r} does not exist; put OGM-GE's "
-            "train.csv and test.csv in the raw folder (docs/datasets_audio_visual.md)"
+    if (raw / opts.test_split).is_file():
+        test = read_split_file(raw / opts.test_split)
+    else:
+        shipped = read_split_file(PACKAGED_TEST_SPLIT)
+        present = {p.stem for p in (raw / opts.audio_dir).glob("*.wav")}
+        keep = [i for i, clip in enumerate(shipped[0]) if clip in present]
+        if not keep:
+            raise FileNotFoundError(
+                f"{str(raw / opts.test_split)!r} does not exist and none of the "
+                f"{len(shipped[0])} clips of OGM-GE's test list has a wav in "
+                f"{str(raw / opts.audio_dir)!r}; put train.csv and test.csv in the raw folder "
+                "(docs/datasets_audio_visual.md)"
+            )
+        test = tuple([part[i] for i in keep] for part in shipped)
+        notes.append(
+            f"{opts.test_split} not found: test is OGM-GE's list shipped with equimodal "
+            f"({len(keep)} of its {len(shipped[0])} clips have a wav here)"
         )
-    test = read_split_file(raw / opts.test_split)
+    held = set(test[0])
     train_path = raw / opts.train_split
-    if not train_path.is_file() and (raw / "data.csv").is_file():
+    if train_path.is_file():
+        train = read_split_file(train_path)
+    elif (raw / "data.csv").is_file():
         every = read_split_file(raw / "data.csv")
-        held = set(test[0])
         keep = [i for i, clip in enumerate(every[0]) if clip not in held]
         train = tuple([part[i] for i in keep] for part in every)
         notes.append(
@@ -210,12 +249,18 @@ def _read_or_derive_splits(
             f"({len(keep)} clips)"
         )
     else:
-        if not train_path.is_file():
+        audio_dir = raw / opts.audio_dir
+        if not audio_dir.is_dir():
             raise FileNotFoundError(
-                f"CREMA-D split file {str(train_path)!r} does not exist; put OGM-GE's "
-                "train.csv and test.csv in the raw folder (docs/datasets_audio_visual.md)"
+                f"CREMA-D audio folder {str(audio_dir)!r} does not exist; the raw folder "
+                "needs AudioWAV/ (docs/datasets_audio_visual.md)"
             )
-        train = read_split_file(train_path)
+        clips = sorted(p.stem for p in audio_dir.glob("*.wav") if p.stem not in held)
+        train = _split_from_clips(clips)
+        notes.append(
+            f"{opts.train_split} not found: train is every wav in {opts.audio_dir} not in "
+            f"the test list ({len(clips)} clips)"
+        )
     return {"train": train, "test": test}, notes  # type: ignore[dict-item]
 
 
