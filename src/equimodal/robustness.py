@@ -9,7 +9,8 @@ inference options):
   them at random); several draws, mean and standard deviation;
 * **noise** — Gaussian noise of standard deviation ``sigma`` (the features are
   standardised) added to the inputs of half of the modalities (at least one) of a random
-  half of the samples; several draws.
+  half of the samples; several draws. Only floating-point inputs get noise: text bytes
+  are left as they are, and so is the validity column of a feature sequence.
 
 Absence travels as the present masks, so every fusion handles it its own documented way.
 """
@@ -104,6 +105,7 @@ def _noisy_cache(
 ) -> FeatureCache:
     """Encode ``split`` with noise on half the modalities of a random half of the samples."""
     names = list(model.modalities)
+    kinds = {spec.name: spec.kind for spec in model.specs}
     n = len(split)
     chosen = torch.zeros(n, len(names), dtype=torch.bool)
     rows = torch.randperm(n, generator=generator)[: n // 2]
@@ -123,6 +125,8 @@ def _noisy_cache(
                 if x.is_floating_point():
                     mask = chosen[start : start + b, i].to(x.device)
                     noise = torch.randn(x.shape, generator=generator).to(x.device) * sigma
+                    if kinds[m] == "sequence":
+                        noise[..., -1] = 0.0  # the validity column marks padding, not data
                     x = x + noise * mask.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
                 parts[m].append(model.encode_modality(m, x))
             start += b

@@ -124,6 +124,11 @@ def get_encoder_kind(name: str) -> EncoderKind:
 
 @register_encoder("mlp", MLPOptions, "multilayer perceptron over a flat feature vector")
 def _build_mlp(spec: ModalitySpec, **options: Any) -> nn.Module:
+    if spec.kind == "text":  # UTF-8 bytes (equimodal.models.text), not features
+        raise ValueError(
+            f"modality {spec.name!r} holds text bytes; give it a text encoder "
+            "(kind: text_bow or hf_text)"
+        )
     return MLPEncoder(spec.dim, **options)
 
 
