@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from equimodal.config import ConfigError, build_config, load_yaml
@@ -31,22 +32,46 @@ USER_ERRORS = (
     KeyError,
     ValueError,
     TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
+    # files and folders: missing, not a folder, not writable, disk full
+    OSError,
     # a missing optional dependency: the message carries the pip install hint
     ImportError,
 )
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 def _message(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc)
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.strerror:  # no "[Errno 28]" prefix
+        text = exc.strerror + (f": {str(exc.filename)!r}" if exc.filename else "")
+    else:
+        text = str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())  # one line
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def _unique_dir(root: Path, name: str) -> Path:
@@ -125,10 +150,17 @@ def train(
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
+    from equimodal.engine.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: the other ranks train their shards, write nothing
+        Trainer(cfg, data=data, run_dir=None, progress=False).fit()
+        return
     run_dir = _unique_dir(out_dir, cfg.run_name())
+    new_parents = _missing_folders(out_dir)  # removed again if the run fails
     try:
         run_dir.mkdir(parents=True)
     except OSError as exc:
+        _remove_empty(new_parents)
         _fail(f"cannot create run folder {str(run_dir)!r}: {exc.strerror or exc}")
     err.print(
         f"[bold]equimodal[/] {cfg.strategy.name} on {cfg.dataset.name} "
@@ -144,10 +176,12 @@ def train(
         raise typer.Exit(code=130) from None
     except USER_ERRORS as exc:
         remove_run_dir(run_dir)
+        _remove_empty(new_parents)
         _fail(_message(exc))
         return
     except BaseException:
         remove_run_dir(run_dir)
+        _remove_empty(new_parents)
         raise
     _draw_plots(run_dir)
     _print_metrics(result.metrics, run_dir)
@@ -347,6 +381,14 @@ def bench(
         "runs/bench"
     ),
     jobs: Annotated[int, typer.Option(help="Runs in parallel (local process pool).")] = 1,
+    executor: Annotated[
+        str,
+        typer.Option(help="local (a process pool) or ray (one task per run on a Ray cluster)."),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (with --executor ray; default: a local Ray)."),
+    ] = None,
 ) -> None:
     """Run a grid of runs (resumable) and write summary.md and summary.csv."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -364,7 +406,15 @@ def bench(
 
     if jobs < 1:
         _fail(f"--jobs must be at least 1, got {jobs}")
+    if executor not in ("local", "ray"):
+        _fail(f"--executor must be 'local' or 'ray', got {executor!r}")
+    if address is not None and executor != "ray":
+        _fail("--address needs --executor ray")
     try:
+        if executor == "ray":
+            from equimodal.bench import require_ray
+
+            require_ray()
         runs, reference = load_bench(bench_file, out_dir)
         robustness = bench_wants_robustness(bench_file)
     except USER_ERRORS as exc:
@@ -393,7 +443,7 @@ def bench(
                 task, advance=1, description=f"{run.dataset} {run.label} s{run.seed} {state}"
             )
 
-        failures = execute(runs, jobs=jobs, on_done=done)
+        failures = execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
     for run, error in failures:
         err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
     if robustness:
@@ -529,7 +579,7 @@ def main() -> None:
     except SystemExit as exc:
         raise exc
     except USER_ERRORS as exc:  # pragma: no cover - last resort, commands catch their own
-        err.print(f"[bold red]error:[/] {_message(exc)}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(_message(exc))}", highlight=False)
         sys.exit(2)
 
 

@@ -88,11 +88,19 @@ def prepare_dataset(
     try:
         return _PREPARERS[name](raw, out, progress=progress, **options)
     except BaseException:
-        # a run that failed before writing anything leaves no empty folder behind;
-        # finished items of an earlier or partial run stay for the next attempt
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        # a run that failed before preparing any item leaves no folder behind (its own
+        # settings file is no progress); finished items of an earlier or partial run stay
+        # for the next attempt
+        if created and not _holds_items(out):
+            shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _holds_items(out: Path) -> bool:
+    """Whether ``out`` holds a prepared file besides the settings file."""
+    from equimodal.data.media import PREPARE_FILE
+
+    return any(p.is_file() and p != out / PREPARE_FILE for p in out.rglob("*"))
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +81,25 @@ def check_some_modality(present: dict[str, torch.Tensor], indices: torch.Tensor)
         )
 
 
+def check_labels(split, num_classes: int, where: str) -> None:
+    """ValueError naming the first sample of ``split`` whose label is not in ``0..C-1``.
+
+    ``where`` names the dataset and split in the message. A label outside the class range
+    would otherwise surface as an index error deep inside the loss.
+    """
+    labels = split.labels
+    if labels.numel() == 0 or num_classes <= 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: sample {int(split.indices[first])} has label {int(labels[first])}, "
+            f"outside the {num_classes} classes 0..{num_classes - 1} "
+            f"({int(bad.sum())} such labels)"
+        )
+
+
 class FeatureSplit:
     """One split of a dataset held in memory as tensors (vector features per modality).
 
@@ -143,6 +162,16 @@ class FeatureSplit:
                 indices=self.indices[rows],
             )
 
+    def batches_of(self, row_sets: Sequence[torch.Tensor]) -> Iterator[MultimodalBatch]:
+        """One batch per tensor of row numbers in ``row_sets`` (multi-process shards)."""
+        for r in row_sets:
+            yield MultimodalBatch(
+                inputs={m: x[r] for m, x in self.features.items()},
+                present={m: p[r] for m, p in self.present.items()},
+                labels=self.labels[r],
+                indices=self.indices[r],
+            )
+
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches ``batches(batch_size, drop_last=...)`` yields."""
         return count_batches(len(self), batch_size, drop_last)
@@ -157,6 +186,10 @@ class MultimodalData:
     val: FeatureSplit
     test: FeatureSplit
     options: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in SPLIT_NAMES:
+            check_labels(self.split(name), self.info.num_classes, f"{self.info.name} {name}")
 
     @property
     def modalities(self) -> tuple[str, ...]:

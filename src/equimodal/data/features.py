@@ -66,10 +66,10 @@ def read_array(path: Path) -> np.ndarray:
                 ) from err
         else:
             raise ValueError(f"{str(path)!r}: unsupported file type {path.suffix!r}")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty or cut .npy
         if str(path) in str(err):
             raise
-        raise ValueError(f"cannot read {str(path)!r}: {err}") from None
+        raise ValueError(f"cannot read {str(path)!r}: {err or type(err).__name__}") from None
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{str(path)!r}: features must be numeric, got dtype {array.dtype}")
     if array.ndim == 0:
@@ -89,11 +89,15 @@ def read_labels(root: Path) -> tuple[np.ndarray, tuple[str, ...], Path]:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{str(root)!r} has no labels file (labels.npy, .txt or .csv)")
-    raw = (
-        np.load(path, allow_pickle=False).reshape(-1)
-        if path.suffix == ".npy"
-        else np.asarray(read_lines(path))
-    )
+    if path.suffix == ".npy":
+        try:
+            raw = np.load(path, allow_pickle=False).reshape(-1)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"cannot read {str(path)!r}: {err or type(err).__name__}") from None
+    else:
+        raw = np.asarray(read_lines(path))
+    if raw.size == 0:
+        raise ValueError(f"{str(path)!r} holds no labels")
     try:
         ints = raw.astype(np.int64)
         if raw.dtype.kind == "f" and not np.array_equal(ints, raw):
@@ -169,6 +173,10 @@ def load_features(
             "per modality and a labels file"
         )
     folder = Path(root)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"dataset folder {str(folder)!r} is a file; dataset.options.root must be a folder"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist")
     labels, classes, labels_path = read_labels(folder)
@@ -198,6 +206,12 @@ def load_features(
                 f"{str(path)!r} has {x.shape[0]} rows but {str(labels_path)!r} has {n} labels"
             )
         present[name] = presence(name, path, x, masks.get(name))
+        if not present[name].any():
+            why = "every row is NaN" if np.isnan(x).all() else f"{mask_path.name} marks it absent"
+            raise ValueError(
+                f"{str(path)!r}: modality {name!r} is absent for every sample ({why}); "
+                "remove the file or give it data"
+            )
         features[name] = np.where(present[name][:, None], np.nan_to_num(x), 0.0)
     nobody = ~np.stack(list(present.values()), 1).any(1)
     if nobody.any():
@@ -205,7 +219,7 @@ def load_features(
             f"{str(folder)!r}: sample {int(np.argmax(nobody))} has no modality at all "
             f"({int(nobody.sum())} such samples)"
         )
-    rows = _split_rows(folder, labels, seed, val_fraction, test_fraction)
+    rows = _split_rows(folder, labels, classes, seed, val_fraction, test_fraction)
     info = DatasetInfo(
         name="features",
         modalities=tuple(ModalitySpec(m, (x.shape[1],), "features") for m, x in features.items()),
@@ -218,8 +232,36 @@ def load_features(
     return build_data(info, features, labels, rows, standardize, {"root": str(folder)}, present)
 
 
+def _holdout(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    fraction: float,
+    seed: int,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stratified_holdout` whose failure names the class that is too small."""
+    counts = np.bincount(labels[rows], minlength=len(classes))
+    present = counts[counts > 0]
+    if present.size and present.min() < 2:
+        small = classes[int(np.flatnonzero(counts == present.min())[0])]
+        raise ValueError(
+            f"cannot hold out a stratified {what}: class {small!r} has only "
+            f"{int(present.min())} row to draw from; give it more rows or a split file"
+        )
+    try:
+        return stratified_holdout(rows, labels, fraction, seed)
+    except ValueError as err:
+        raise ValueError(f"cannot hold out a stratified {what}: {err}") from None
+
+
 def _split_rows(
-    folder: Path, labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+    folder: Path,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
 ) -> dict[str, np.ndarray]:
     n = labels.shape[0]
     split_path = next(
@@ -228,7 +270,8 @@ def _split_rows(
     )
     everything = np.arange(n)
     if split_path is None:
-        train, test = stratified_holdout(everything, labels, test_fraction, seed)
+        where = f"test split of {str(folder)!r} (test_fraction {test_fraction})"
+        train, test = _holdout(everything, labels, classes, test_fraction, seed, where)
         val = np.array([], dtype=np.int64)
     else:
         words = read_lines(split_path)
@@ -242,8 +285,26 @@ def _split_rows(
             )
         arr = np.asarray(words)
         train, val, test = (everything[arr == w] for w in SPLIT_WORDS)
-        if len(train) == 0 or len(test) == 0:
-            raise ValueError(f"{str(split_path)!r} needs train and test rows")
+        empty = [w for w, rows in (("train", train), ("test", test)) if len(rows) == 0]
+        if empty:
+            raise ValueError(
+                f"{str(split_path)!r}: the {empty[0]} split is empty (no row says "
+                f"{empty[0]!r}); it needs train and test rows"
+            )
+    counts = np.bincount(labels[train], minlength=len(classes))
+    if (counts == 0).any():
+        absent = classes[int(np.argmax(counts == 0))]
+        source = str(split_path) if split_path is not None else str(folder)
+        more = int((counts == 0).sum()) - 1
+        also = f" (and {more} more {'class' if more == 1 else 'classes'})" if more else ""
+        raise ValueError(
+            f"{source!r}: class {absent!r} has no training sample{also}; "
+            "every class needs training rows"
+        )
     if len(val) == 0:
-        train, val = stratified_holdout(train, labels, val_fraction, seed)
+        where = (
+            f"validation split from the training rows of {str(folder)!r} "
+            f"(val_fraction {val_fraction})"
+        )
+        train, val = _holdout(train, labels, classes, val_fraction, seed, where)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

@@ -13,12 +13,30 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from equimodal.data.base import batch_order, check_some_modality, count_batches
 from equimodal.data.batch import MultimodalBatch
 
 Reader = Callable[[Any], dict[str, torch.Tensor]]
+
+
+class _ReadFailure:
+    """A bad item met in a worker process, sent back as data so the error stays one line.
+
+    A DataLoader re-raises a worker's exception with the worker's whole traceback in its
+    message; the main process raises ``kind(message)`` instead, as without workers.
+    """
+
+    def __init__(self, err: BaseException) -> None:
+        self.kind = type(err)
+        self.message = str(err)
+
+    def error(self) -> BaseException:
+        try:
+            return self.kind(self.message)
+        except Exception:  # an exception class with another signature
+            return ValueError(self.message)
 
 
 class _ItemDataset(Dataset):
@@ -28,8 +46,13 @@ class _ItemDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
-        return self.split.read_item(i), i
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor] | _ReadFailure, int]:
+        try:
+            return self.split.read_item(i), i
+        except (ValueError, OSError) as err:  # a missing or unreadable file of this item
+            if get_worker_info() is None:
+                raise
+            return _ReadFailure(err), i
 
 
 class ItemSplit:
@@ -112,11 +135,14 @@ class ItemSplit:
     ) -> Iterator[MultimodalBatch]:
         """Iterate over mini-batches; ``shuffle`` draws the order from ``generator``."""
         order = batch_order(len(self), batch_size, shuffle, generator, drop_last)
+        yield from self.batches_of(torch.split(order, batch_size))
+
+    def batches_of(self, row_sets: Sequence[torch.Tensor]) -> Iterator[MultimodalBatch]:
+        """One batch per tensor of row numbers in ``row_sets``, read through one DataLoader."""
         self.passes += 1
         loader = DataLoader(
             _ItemDataset(self),
-            batch_size=batch_size,
-            sampler=order.tolist(),
+            batch_sampler=[r.tolist() for r in row_sets],
             num_workers=self.num_workers,
             collate_fn=_collate,
             persistent_workers=False,
@@ -126,6 +152,8 @@ class ItemSplit:
             generator=torch.Generator().manual_seed(self.passes),
         )
         for inputs, rows in loader:
+            if isinstance(inputs, _ReadFailure):
+                raise inputs.error()
             rows = torch.as_tensor(rows)
             batch = MultimodalBatch(
                 inputs=inputs,
@@ -140,7 +168,10 @@ class ItemSplit:
         return count_batches(len(self), batch_size, drop_last)
 
 
-def _collate(samples: list[tuple[dict[str, torch.Tensor], int]]):
+def _collate(samples: list[tuple[dict[str, torch.Tensor] | _ReadFailure, int]]):
+    failed = next((s[0] for s in samples if isinstance(s[0], _ReadFailure)), None)
+    if failed is not None:
+        return failed, []
     names = list(samples[0][0])
     inputs = {m: torch.stack([s[0][m] for s in samples]) for m in names}
     return inputs, [s[1] for s in samples]

@@ -355,9 +355,10 @@ def prepare_kinetics_sounds(
             source = find_source(name, audio_dirs, (".npy", ".wav"))
             if source is not None and source.suffix == ".npy":
                 try:
-                    fbank = np.load(source).astype(np.float32)
-                except (OSError, ValueError) as err:
-                    raise ValueError(f"cannot read fbank {str(source)!r}: {err}") from None
+                    fbank = np.load(source, allow_pickle=False).astype(np.float32)
+                except (OSError, ValueError, EOFError) as err:
+                    reason = err or type(err).__name__
+                    raise ValueError(f"cannot read fbank {str(source)!r}: {reason}") from None
                 fbank = fbank.reshape(fbank.shape[-2:]) if fbank.ndim == 3 else fbank
                 if fbank.ndim != 2:
                     raise ValueError(f"fbank {str(source)!r} has shape {fbank.shape}, not 2-D")

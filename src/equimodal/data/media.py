@@ -420,6 +420,11 @@ def read_prepare_json(root: str | Path, dataset: str) -> dict[str, Any]:
     import json
 
     path = Path(root) / PREPARE_FILE
+    if Path(root).exists() and not Path(root).is_dir():
+        raise NotADirectoryError(
+            f"dataset root {str(root)!r} is a file; dataset.options.root must be the folder "
+            f"of a prepared copy ({prepare_hint(dataset, 'ROOT')})"
+        )
     if not Path(root).is_dir():
         raise FileNotFoundError(
             f"dataset root {str(root)!r} does not exist; {prepare_hint(dataset, root)}"
@@ -685,9 +690,10 @@ class AVReader:
             passes = int(getattr(self.split, "passes", 0))
             rng = np.random.default_rng([self.seed, passes, int(item["row"])])
         try:
-            spec = np.load(item["audio"])
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read spectrogram {item['audio']!r}: {err}") from None
+            spec = np.load(item["audio"], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            reason = err or type(err).__name__
+            raise ValueError(f"cannot read spectrogram {item['audio']!r}: {reason}") from None
         if spec.ndim == 2:
             spec = spec[None]
         spec = np.ascontiguousarray(spec[..., : self.audio_frames], dtype=np.float32)

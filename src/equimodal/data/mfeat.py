@@ -48,7 +48,7 @@ INFO = DatasetInfo(
 @lru_cache(maxsize=1)
 def _arrays() -> dict[str, np.ndarray]:
     files = resources.files("equimodal.data") / "files"
-    with resources.as_file(files / "mfeat.npz") as path, np.load(path) as npz:
+    with resources.as_file(files / "mfeat.npz") as path, np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
 

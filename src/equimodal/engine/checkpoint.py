@@ -67,9 +67,17 @@ def read_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read ``(model_state, meta, optimizer_state)``; CheckpointError names what is wrong."""
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} is not a file")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     raw = p.read_bytes()
+    kind = _pickle_kind(raw)
+    if kind is not None:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} is a {kind}, not safetensors; equimodal never unpickles "
+            "a checkpoint (unpickling can run code from the file)"
+        )
     try:
         tensors = st_load(raw)
         from safetensors import safe_open
@@ -86,6 +94,8 @@ def read_checkpoint(
         header = json.loads(header_text)
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {str(p)!r} has corrupt metadata") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {str(p)!r} has corrupt metadata (not a mapping)")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(p)!r} is not an equimodal checkpoint")
     if header.get("version") != FORMAT_VERSION:
@@ -94,9 +104,30 @@ def read_checkpoint(
             f"this equimodal reads version {FORMAT_VERSION}"
         )
     model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {str(p)!r} has corrupt metadata ('meta')")
     optim = header.get("optimizer")
-    optim_state = _unflatten_optimizer(optim, tensors) if optim is not None else None
-    return model_state, header.get("meta", {}), optim_state
+    try:
+        optim_state = _unflatten_optimizer(optim, tensors) if optim is not None else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {str(p)!r} has a corrupt optimizer state") from None
+    return model_state, meta, optim_state
+
+
+def _pickle_kind(raw: bytes) -> str | None:
+    """What pickle-based format ``raw`` is in (``torch.save`` zip, plain pickle), or None.
+
+    A safetensors file starts with an 8-byte header length and then ``{``; anything that
+    looks like that is left to the safetensors reader.
+    """
+    if len(raw) > 8 and raw[8:9] == b"{":
+        return None
+    if raw.startswith(b"PK\x03\x04"):
+        return "zip archive (torch.save)"
+    if len(raw) > 1 and raw[0] == 0x80 and 2 <= raw[1] <= 5:
+        return "pickle file"
+    return None
 
 
 #: parameter names a checkpoint may lack; the model's initial value is kept

@@ -10,6 +10,7 @@ spectrogram, one over RGB frames, the frames encoded one by one and averaged ove
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,8 +150,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refusing resnet18 weights file {str(path)!r}: it holds Python objects besides "
+            "tensors, and unpickling those can run code from the file; save a plain "
+            "state_dict or a .safetensors file"
+        ) from None
     except Exception as err:  # torch and safetensors raise various error types
-        raise ValueError(f"cannot read resnet18 weights file {str(path)!r}: {err}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot read resnet18 weights file {str(path)!r}: {reason}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
