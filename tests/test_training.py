@@ -68,6 +68,25 @@ def test_alternating_step_trains_only_the_current_encoder(small_config):
             assert changed == (n == m), (k, m, n)
 
 
+def test_alternating_step_skips_a_modality_no_sample_of_the_batch_has(small_config):
+    """The first modality of the order absent from the whole batch: the later steps read
+    the others (before, its missing features raised KeyError)."""
+    config = small_config(epochs=1)
+    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
+    model = build_model(config, data.info)
+    from equimodal.strategies import TrainContext
+
+    strategy = ShapleyAlternatingStrategy(config.strategy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
+    strategy.on_epoch_start(1)
+    batch = next(data.train.batches(8))
+    batch.present[strategy.epoch_order[0]] = torch.zeros(8, dtype=torch.bool)
+    logs = strategy.training_step(batch)
+    assert set(logs) >= {f"loss_{m}" for m in strategy.epoch_order[1:]}
+    assert f"loss_{strategy.epoch_order[0]}" not in logs
+
+
 def test_same_seed_gives_identical_metrics(small_config):
     a = Trainer(small_config(epochs=2), progress=False).fit().metrics
     b = Trainer(small_config(epochs=2), progress=False).fit().metrics

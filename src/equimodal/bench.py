@@ -17,6 +17,13 @@ Runs go to ``OUT/<dataset>/<label>-s<seed>/``. A run with a ``metrics.json`` is 
 and never repeated; a folder without one (a killed run) is removed and run again, so a
 stopped bench continues where it stopped. Every run selects its checkpoint on validation
 and reads test once (the trainer's protocol).
+
+Executors: ``local`` (default) trains the runs on a pool of local processes; ``ray``
+sends each run to a Ray cluster as a task (``pip install 'equimodal[distributed]'``).
+A Ray task trains in a temporary folder on its worker and returns the run folder's files,
+which the driver writes into ``OUT`` (``metrics.json`` last), so the cluster needs no
+shared file system; the relative-EDM cache (``OUT/<dataset>/.standalone/``) travels with
+the tasks both ways.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,6 +42,8 @@ from typing import Any
 from equimodal.config import ConfigError, RunConfig, build_config, load_yaml
 
 BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness"}
+EXECUTORS = ("local", "ray")
+RAY_HINT = "pip install 'equimodal[distributed]' (or pip install ray)"
 
 
 @dataclass(frozen=True)
@@ -181,12 +191,26 @@ def execute(
     runs: list[BenchRun],
     jobs: int = 1,
     on_done: Callable[[BenchRun, BaseException | None], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> list[tuple[BenchRun, BaseException]]:
-    """Run the pending runs on a local process pool; returns the failures."""
+    """Run the pending runs; returns the failures.
+
+    ``executor`` ``local`` uses a pool of ``jobs`` local processes; ``ray`` sends each run
+    to the Ray cluster at ``address`` (None: the one this process is connected to, else a
+    new local one) as a task with ``ray_options`` (default ``{"num_cpus": 1}``; e.g.
+    ``{"num_gpus": 1}``). Either way finished runs are skipped and the run folders hold
+    the same files.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     todo = pending(runs)
     failures: list[tuple[BenchRun, BaseException]] = []
     if not todo:
         return failures
+    if executor == "ray":
+        return _execute_ray(todo, address, ray_options, on_done)
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(jobs, 1))
     if jobs <= 1:
@@ -209,6 +233,97 @@ def execute(
                 failures.append((run, error))
             if on_done:
                 on_done(run, error)
+    return failures
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or ImportError with the install hint."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"the ray executor needs Ray: {RAY_HINT}") from None
+    return ray
+
+
+def _read_files(folder: Path) -> dict[str, bytes]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _write_files(folder: Path, files: dict[str, bytes], last: str | None = None) -> None:
+    from equimodal.engine.files import write_bytes_atomic
+
+    names = sorted(files, key=lambda n: n == last)  # ``last`` after every other file
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, files[name])
+
+
+def run_remote(
+    config: dict[str, Any], name: str, threads: int, standalone: dict[str, bytes]
+) -> dict[str, dict[str, bytes]]:
+    """Train one run in a temporary folder (on a Ray worker); returns its files.
+
+    ``standalone`` seeds the relative-EDM cache; the return value holds the run folder's
+    files (``run``) and the cache afterwards (``standalone``).
+    """
+    with tempfile.TemporaryDirectory(prefix="equimodal-") as tmp:
+        root = Path(tmp)
+        _write_files(root / ".standalone", standalone)
+        run_dir = root / name
+        run_one(config, str(run_dir), threads)
+        return {"run": _read_files(run_dir), "standalone": _read_files(root / ".standalone")}
+
+
+def _execute_ray(
+    todo: list[BenchRun],
+    address: str | None,
+    ray_options: dict[str, Any] | None,
+    on_done: Callable[[BenchRun, BaseException | None], None] | None,
+) -> list[tuple[BenchRun, BaseException]]:
+    ray = require_ray()
+    options = {"num_cpus": 1, **(ray_options or {})}
+    threads = max(1, int(options.get("num_cpus") or 1))
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    failures: list[tuple[BenchRun, BaseException]] = []
+    try:
+        task = ray.remote(run_remote).options(**options)
+        refs = {}
+        for run in todo:
+            cache = _read_files(run.run_dir.parent / ".standalone")
+            refs[task.remote(run.config, run.run_dir.name, threads, cache)] = run
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                run = refs.pop(ref)
+                error: BaseException | None = None
+                try:
+                    files = ray.get(ref)
+                    if run.run_dir.exists():
+                        shutil.rmtree(run.run_dir)  # a partial folder of a killed bench
+                    _write_files(run.run_dir, files["run"], last="metrics.json")
+                    cache_dir = run.run_dir.parent / ".standalone"
+                    known = set(_read_files(cache_dir))
+                    _write_files(
+                        cache_dir, {k: v for k, v in files["standalone"].items() if k not in known}
+                    )
+                except Exception as exc:  # one failed run must not stop the grid
+                    error = getattr(exc, "cause", None) or exc
+                    failures.append((run, error))
+                if on_done:
+                    on_done(run, error)
+    finally:
+        if started:
+            ray.shutdown()
     return failures
 
 

@@ -46,16 +46,14 @@ def unimodal_config(config: RunConfig, modality: str) -> RunConfig:
     return build_config(tree)
 
 
-def standalone_accuracies(
+def cached_standalone(
     config: RunConfig, data: MultimodalData, cache_dir: str | Path | None = None
-) -> dict[str, float]:
-    """Validation accuracy of a unimodal model of each modality (cached by key)."""
-    from equimodal.engine.trainer import Trainer
-
+) -> dict[str, float] | None:
+    """The cached stand-alone accuracies of ``config``'s key (memory, then file), or None."""
     key = standalone_key(config)
-    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if key in _MEMORY_CACHE:
         return dict(_MEMORY_CACHE[key])
+    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -64,6 +62,28 @@ def standalone_accuracies(
                 return dict(stored["accuracy"])
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache entry is recomputed
+    return None
+
+
+def standalone_accuracies(
+    config: RunConfig,
+    data: MultimodalData,
+    cache_dir: str | Path | None = None,
+    read_cache: bool = True,
+) -> dict[str, float]:
+    """Validation accuracy of a unimodal model of each modality (cached by key).
+
+    ``read_cache`` False trains even when a cached value exists (multi-process training
+    decides on rank 0 whether to read it); the result is still written to ``cache_dir``.
+    """
+    from equimodal.engine.trainer import Trainer
+
+    key = standalone_key(config)
+    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+    if read_cache:
+        found = cached_standalone(config, data, cache_dir)
+        if found is not None:
+            return found
     accuracy = {}
     for m in data.modalities:
         result = Trainer(unimodal_config(config, m), data=data, progress=False).fit()

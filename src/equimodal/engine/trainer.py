@@ -3,6 +3,10 @@
 Every method runs through :class:`Trainer`; what differs between methods lives in its
 Strategy's hooks. Model selection and early stopping read the validation split only; the
 test split is scored once, at the end, by the selected checkpoint.
+
+Launched by ``torchrun`` with several processes, the same loop trains one global batch
+split across the ranks (``equimodal.engine.distributed``): rank 0 evaluates, decides and
+writes files; the others train their shards and follow its decisions.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from equimodal.config import RunConfig, dump_config
 from equimodal.data.base import DatasetInfo, FeatureSplit, MultimodalData
 from equimodal.data.registry import load_dataset
 from equimodal.engine.checkpoint import load_model_state, read_checkpoint, save_checkpoint
+from equimodal.engine.distributed import Distributed
 from equimodal.engine.files import write_json_atomic, write_text_atomic
 from equimodal.evaluate import SplitReport, class_prior, encode_split, evaluate_cache
 from equimodal.models.model import MultimodalModel
-from equimodal.robustness import drop_modalities
 from equimodal.strategies import Strategy, TrainContext, build_strategy
 
 
@@ -143,6 +147,8 @@ class Trainer:
 
     ``run_dir`` None keeps everything in memory (tests, notebooks); otherwise the folder
     receives ``config.yaml``, ``history.jsonl``, ``metrics.json`` and ``checkpoints/``.
+    Under ``torchrun`` only rank 0 writes (``run_dir`` is ignored on the other ranks), and
+    :meth:`fit` returns rank 0's metrics and history on every rank.
     """
 
     def __init__(
@@ -201,13 +207,27 @@ class Trainer:
         seed_everything(cfg.seed, cfg.train.deterministic)
         data = self.data or load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
         info = data.info
-        device = select_device(cfg.train.device)
+        group, device = Distributed.setup(select_device(cfg.train.device))
+        try:
+            return self._fit(data, info, device, group)
+        finally:
+            group.close()
+
+    def _fit(
+        self, data: MultimodalData, info: DatasetInfo, device: torch.device, group: Distributed
+    ) -> TrainResult:
+        cfg = self.config
+        main = group.is_main
+        run_dir = self.run_dir if main else None
         seed_everything(cfg.seed, cfg.train.deterministic)
         model = build_model(cfg, info).to(device)
         self.model = model  # readable from on_epoch callbacks
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
         strategy = build_strategy(cfg.strategy)
+        group.check_strategy(strategy)
+        group.broadcast_model(model)  # identical start on every rank
+        group.seed_rank(cfg.seed)
         ctx = TrainContext(
             model=model,
             optimizer=optimizer,
@@ -226,23 +246,27 @@ class Trainer:
         prior = class_prior(data.train.labels, info.num_classes)
 
         ckpt_dir = None
-        if self.run_dir is not None:
-            ckpt_dir = self.run_dir / "checkpoints"
+        if run_dir is not None:
+            ckpt_dir = run_dir / "checkpoints"
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
         history: list[dict[str, Any]] = []
         started = time.perf_counter()
         model.train()
-        initial = self._evaluate(model, strategy, "val", val, prior, device)
-        history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
+        if main:
+            initial = self._evaluate(model, strategy, "val", val, prior, device)
+            history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
+        self._follow(group, strategy)
         best_key = (-1.0, float("inf"))
         best_state: dict[str, torch.Tensor] | None = None
         best_strategy: dict[str, Any] = strategy.state_dict()
         best_epoch = 0
         stale = 0
         tc = cfg.train
-        progress = self._progress()
+        # batch norm cannot train on a shard of one row (torchrun only)
+        min_rows = 2 if group.active and _has_batch_norm(model) else 1
+        progress = self._progress() if main else None
         task = progress.add_task("training", total=tc.epochs) if progress else None
         with progress or nullcontext():
             for epoch in range(1, tc.epochs + 1):
@@ -252,105 +276,162 @@ class Trainer:
                 generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
                 sums: dict[str, float] = {}
                 count = 0
-                for batch in train.batches(tc.batch_size, shuffle=True, generator=generator):
-                    if tc.missing_rate > 0:
-                        batch.present = drop_modalities(batch.present, tc.missing_rate, generator)
-                    logs = strategy.training_step(batch)
+                for batch, shard in group.train_batches(
+                    train, tc.batch_size, generator, tc.missing_rate, min_rows
+                ):
+                    with group.step(shard):
+                        logs = strategy.training_step(batch)
                     for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                        # under torchrun: this rank's share of the global batch's value
+                        sums[k] = sums.get(k, 0.0) + (v if shard is None else v * shard.weight)
                     count += 1
+                sums = group.sum_logs(sums)
                 if scheduler is not None:
                     scheduler.step()
                 train_time = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                report = self._evaluate(model, strategy, "val", val, prior, device)
-                eval_time = time.perf_counter() - t1
-                row = {
-                    "epoch": epoch,
-                    "train": {k: v / max(count, 1) for k, v in sums.items()},
-                    "val": report.to_dict(),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "train_time_s": round(train_time, 4),
-                    "eval_time_s": round(eval_time, 4),
-                }
-                key = (report.accuracy, report.loss)
-                improved = key[0] > best_key[0] or (key[0] == best_key[0] and key[1] < best_key[1])
-                if improved:
-                    best_key, best_epoch, stale = key, epoch, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    best_strategy = strategy.state_dict()
-                    if ckpt_dir is not None:
-                        save_checkpoint(
-                            ckpt_dir / "best.safetensors", model, self._meta(epoch, strategy, info)
+                group.sync_buffers(model)
+                improved = stop = False
+                if main:
+                    t1 = time.perf_counter()
+                    report = self._evaluate(model, strategy, "val", val, prior, device)
+                    eval_time = time.perf_counter() - t1
+                    row = {
+                        "epoch": epoch,
+                        "train": {k: v / max(count, 1) for k, v in sums.items()},
+                        "val": report.to_dict(),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "train_time_s": round(train_time, 4),
+                        "eval_time_s": round(eval_time, 4),
+                    }
+                    key = (report.accuracy, report.loss)
+                    improved = key[0] > best_key[0] or (
+                        key[0] == best_key[0] and key[1] < best_key[1]
+                    )
+                    if improved:
+                        best_key, best_epoch, stale = key, epoch, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best_strategy = strategy.state_dict()
+                        if ckpt_dir is not None:
+                            save_checkpoint(
+                                ckpt_dir / "best.safetensors",
+                                model,
+                                self._meta(epoch, strategy, info),
+                            )
+                    else:
+                        stale += 1
+                    strategy.on_epoch_end(epoch, report)
+                    if strategy.restarts_patience():
+                        stale = 0  # a new training stage starts (e.g. udi's followers)
+                    row.update(strategy.epoch_log())
+                    row["best"] = improved
+                    history.append(row)
+                    if run_dir is not None:
+                        write_text_atomic(
+                            run_dir / "history.jsonl",
+                            "".join(json.dumps(r) + "\n" for r in history),
                         )
-                else:
-                    stale += 1
-                strategy.on_epoch_end(epoch, report)
-                if strategy.restarts_patience():
-                    stale = 0  # a new training stage starts (e.g. udi's followers)
-                row.update(strategy.epoch_log())
-                row["best"] = improved
-                history.append(row)
-                if self.run_dir is not None:
-                    write_text_atomic(
-                        self.run_dir / "history.jsonl",
-                        "".join(json.dumps(r) + "\n" for r in history),
-                    )
-                    save_checkpoint(
-                        ckpt_dir / "last.safetensors",
-                        model,
-                        self._meta(epoch, strategy, info),
-                        optimizer,
-                    )
-                if self.on_epoch is not None:
-                    self.on_epoch(row)
-                if progress is not None:
-                    progress.update(
-                        task, advance=1, description=self._describe(epoch, row, best_key[0])
-                    )
-                if tc.patience is not None and stale >= tc.patience:
+                        save_checkpoint(
+                            ckpt_dir / "last.safetensors",
+                            model,
+                            self._meta(epoch, strategy, info),
+                            optimizer,
+                        )
+                    if self.on_epoch is not None:
+                        self.on_epoch(row)
+                    if progress is not None:
+                        progress.update(
+                            task, advance=1, description=self._describe(epoch, row, best_key[0])
+                        )
+                    stop = tc.patience is not None and stale >= tc.patience
+                if group.active:
+                    # rank 0's decisions and strategy state (e.g. the next modality order)
+                    improved, stop = self._follow(group, strategy, (improved, stop))
+                    if improved and not main:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if stop:
                     break
         train_seconds = time.perf_counter() - started
 
         if best_state is not None:
             model.load_state_dict(best_state)
-            strategy.load_state_dict(best_strategy)
-        t2 = time.perf_counter()
-        val_report = self._evaluate(model, strategy, "val", val, prior, device)
-        test_report = self._evaluate(model, strategy, "test", test, prior, device)
-        val_dict, test_dict = val_report.to_dict(), test_report.to_dict()
+            if main:
+                strategy.load_state_dict(best_strategy)
+        metrics: dict[str, Any] = {}
+        if main:
+            t2 = time.perf_counter()
+            val_report = self._evaluate(model, strategy, "val", val, prior, device)
+            test_report = self._evaluate(model, strategy, "test", test, prior, device)
+            val_dict, test_dict = val_report.to_dict(), test_report.to_dict()
+        else:
+            t2 = 0.0
+            val_report = test_report = None
+            val_dict, test_dict = {}, {}
         if cfg.train.relative_edm and strategy.name != "unimodal" and len(info.modalities) > 1:
-            self._add_relative_edm(data, val_report, test_report, val_dict, test_dict, prior)
-        metrics = {
-            "run": cfg.run_name(),
-            "dataset": info.name,
-            "strategy": strategy.name,
-            "fusion": cfg.model.fusion,
-            "seed": cfg.seed,
-            "modalities": list(info.modality_names),
-            "best_epoch": best_epoch,
-            "epochs_run": len(history) - 1,
-            "train_time_s": round(train_seconds, 3),
-            "final_eval_time_s": round(time.perf_counter() - t2, 3),
-            "inference": _jsonable(strategy.inference_kwargs()),
-            "val": val_dict,
-            "test": test_dict,
-            "versions": library_versions(),
-        }
-        if self.run_dir is not None:
-            write_json_atomic(self.run_dir / "metrics.json", metrics)
+            self._add_relative_edm(data, val_report, test_report, val_dict, test_dict, prior, group)
+        if main:
+            metrics = {
+                "run": cfg.run_name(),
+                "dataset": info.name,
+                "strategy": strategy.name,
+                "fusion": cfg.model.fusion,
+                "seed": cfg.seed,
+                "modalities": list(info.modality_names),
+                "best_epoch": best_epoch,
+                "epochs_run": len(history) - 1,
+                "train_time_s": round(train_seconds, 3),
+                "final_eval_time_s": round(time.perf_counter() - t2, 3),
+                "inference": _jsonable(strategy.inference_kwargs()),
+                "val": val_dict,
+                "test": test_dict,
+                "versions": library_versions(),
+            }
+            if group.active:
+                metrics["world_size"] = group.world
+            if run_dir is not None:
+                write_json_atomic(run_dir / "metrics.json", metrics)
+        if group.active:
+            metrics, history = self._follow(group, strategy, (metrics, history))
         return TrainResult(
-            metrics=metrics, run_dir=self.run_dir, history=history, model=model, strategy=strategy
+            metrics=metrics, run_dir=run_dir, history=history, model=model, strategy=strategy
         )
 
-    def _add_relative_edm(self, data, val_report, test_report, val_dict, test_dict, prior) -> None:
-        """Relative EDM of both splits from the modalities' stand-alone validation accuracy."""
+    @staticmethod
+    def _follow(group: Distributed, strategy: Strategy, payload: Any = None) -> Any:
+        """Under torchrun: rank 0's ``payload`` and strategy state on every rank."""
+        if not group.active:
+            return payload
+        state, payload = group.broadcast_object((strategy.state_dict(), payload))
+        if not group.is_main:
+            strategy.load_state_dict(state)
+        return payload
+
+    def _add_relative_edm(
+        self, data, val_report, test_report, val_dict, test_dict, prior, group=None
+    ) -> None:
+        """Relative EDM of both splits from the modalities' stand-alone validation accuracy.
+
+        Under torchrun every rank trains the unimodal runs together (the cache is read and
+        written by rank 0); rank 0 fills the dictionaries.
+        """
         from equimodal.balance.edm import relative_edm
         from equimodal.evaluate import value_of_prior
         from equimodal.standalone import standalone_accuracies
 
+        group = group or Distributed()
         cache_dir = self.run_dir.parent / ".standalone" if self.run_dir is not None else None
-        ability = standalone_accuracies(self.config, data, cache_dir)
+        if group.active:
+            from equimodal.standalone import cached_standalone
+
+            found = cached_standalone(self.config, data, cache_dir) if group.is_main else None
+            ability = group.broadcast_object(found)
+            if ability is None:
+                ability = standalone_accuracies(
+                    self.config, data, cache_dir if group.is_main else None, read_cache=False
+                )
+            if not group.is_main:
+                return
+        else:
+            ability = standalone_accuracies(self.config, data, cache_dir)
         names = data.modalities
         chance = value_of_prior(prior, data.val.labels, "accuracy")
         for report, out in ((val_report, val_dict), (test_report, test_dict)):
@@ -381,6 +462,10 @@ class Trainer:
         if "order" in row:
             text += " order " + ">".join(row["order"])
         return text
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _jsonable(obj: Any) -> Any:

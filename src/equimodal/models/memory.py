@@ -28,6 +28,9 @@ Our choices (METHODS marks them), each a constructor option:
 * initialisation: gate biases ``gate_bias`` (1.0: gates start mostly open) and an identity
   candidate map (``candidate_init="identity"``). With PyTorch's default initialisation
   each step attenuates what earlier modalities carried about tenfold.
+
+Under torchrun (a shard of the global batch on each rank) the training statistic ``C``,
+the InfoNCE loss and every "enough rows?" decision are those of the global batch.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from equimodal.engine.distributed import ShardContext, current_shard
 
 
 @dataclass
@@ -119,6 +124,10 @@ class CrossModalMemory(nn.Module):
         self.register_buffer("corr_ema", eye)
 
     # ----------------------------------------------------------------- alignment
+    def _shard(self) -> ShardContext | None:
+        """The shard of a global batch being trained on (torchrun), else None."""
+        return current_shard() if self.training else None
+
     def _pair_matrix(
         self, i: int, j: int, z: torch.Tensor, present: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -126,11 +135,17 @@ class CrossModalMemory(nn.Module):
         matrix = None
         if self.align_stat:
             both = present[:, i] & present[:, j]
-            if self.training and int(both.sum()) >= 2:
-                with torch.no_grad():
+            shard = self._shard()
+            corr = None
+            with torch.no_grad():
+                if shard is not None:
+                    corr = shard.cross_correlation(z[both, i].detach(), z[both, j].detach())
+                elif self.training and int(both.sum()) >= 2:
                     corr = batch_cross_correlation(z[both, i].detach(), z[both, j].detach())
+                if corr is not None:
                     ema = self.corr_ema[i, j]
                     ema.mul_(self.stat_momentum).add_(corr, alpha=1.0 - self.stat_momentum)
+            if corr is not None:
                 matrix = corr if self.train_stat == "batch" else self.corr_ema[i, j].clone()
             else:
                 matrix = self.corr_ema[i, j]
@@ -148,12 +163,18 @@ class CrossModalMemory(nn.Module):
         active: torch.Tensor,
         z: torch.Tensor,
         present: torch.Tensor,
+        pairs: list[int] | None = None,
     ) -> torch.Tensor:
-        """``h_aligned`` for the rows in ``active``; ``pair = i * M + j`` per row."""
+        """``h_aligned`` for the rows in ``active``; ``pair = i * M + j`` per row.
+
+        ``pairs``: the pairs to align (default: those of the active rows; under torchrun
+        those of the global batch, so that every rank computes the same statistics).
+        """
         if not (self.align_stat or self.align_learned):
             return h
         m = self.num_modalities
-        pairs = torch.unique(pair[active]).tolist()
+        if pairs is None:
+            pairs = torch.unique(pair[active]).tolist()
         if len(pairs) == 1 and bool(active.all()):
             matrix, bias = self._pair_matrix(pairs[0] // m, pairs[0] % m, z, present)
             out = h @ matrix
@@ -221,6 +242,7 @@ class CrossModalMemory(nn.Module):
         h = z.new_zeros(rows, d)
         prev = torch.full((rows,), -1, dtype=torch.long, device=z.device)
         losses: list[torch.Tensor | None] = []
+        shard = self._shard()
         # With every modality present, each order block reads one pair per step: evaluation
         # then aligns all blocks at once instead of looping over pairs.
         blocked = (
@@ -235,15 +257,29 @@ class CrossModalMemory(nn.Module):
             j = step_mod.repeat_interleave(b)
             update = here & (prev >= 0)
             step_loss = None
-            if bool(update.any()):
+            pair = prev.clamp(min=0) * m + j
+            if shard is not None:  # rows and pairs to update in the global batch
+                counts, pairs = shard.census(update, pair, m * m)
+                proceed = bool(pairs)
+            else:
+                counts, pairs = None, None
+                proceed = bool(update.any())
+            if proceed:
                 if blocked:
                     h_aligned = self._align_blocks(h, orders[:, k - 1], step_mod, b)
                 else:
-                    pair = prev.clamp(min=0) * m + j
-                    h_aligned = self._align(h, pair, update, z, present)
+                    h_aligned = self._align(h, pair, update, z, present, pairs)
                 h_next = self.cell(x, h_aligned)
                 h = torch.where(update.unsqueeze(1), h_next, h)
-                if align_loss and int(update.sum()) >= 2:
+                if shard is not None:
+                    if align_loss and sum(counts) >= 2:
+                        step_loss = shard.rows_loss(
+                            lambda a, c: info_nce(a, c, self.align_temperature),
+                            h_aligned[update],
+                            x[update],
+                            counts=counts,
+                        )
+                elif align_loss and int(update.sum()) >= 2:
                     step_loss = info_nce(h_aligned[update], x[update], self.align_temperature)
             losses.append(step_loss)
             first = here & (prev < 0)

@@ -66,6 +66,7 @@ class AGMStrategy(Strategy):
     name = "agm"
     config_class = AGMConfig
     default_fusion = "concat"
+    supports_distributed = True
     config: AGMConfig
 
     def __init__(self, config: AGMConfig) -> None:
@@ -110,7 +111,10 @@ class AGMStrategy(Strategy):
     def training_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
         phi, _ = self.responses(batch)
-        scores = {m: float(F.cross_entropy(p.detach(), batch.labels)) for m, p in phi.items()}
+        scores = {
+            m: float(ctx.batch_mean(F.cross_entropy(p.detach(), batch.labels)))
+            for m, p in phi.items()
+        }
         running = {m: self.score_sums[m] / self.batches for m in phi} if self.batches > 0 else None
         kappa = response_coefficients(scores, running, self.config.alpha, self.config.clip)
         for m, s in scores.items():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
+from equimodal.engine.distributed import current_shard
 from equimodal.models.model import MultimodalModel
 
 if TYPE_CHECKING:
@@ -48,18 +49,58 @@ class TrainContext:
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        shard = current_shard()
+        if shard is not None:  # torchrun: the global batch's gradient on every rank
+            shard.reduce_gradients(self.model.parameters())
         if modify_gradients is not None:
             modify_gradients()
+            if shard is not None:  # rank 0's modification (its noise, say) everywhere
+                shard.broadcast_gradients(self.model.parameters())
         if self.grad_clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
 
+    # ------------------------------------------------------------------ global batch
+    # Under torchrun each rank holds a shard of the global batch. Statistics a strategy
+    # computes over "the batch" go through these helpers, which return the global batch's
+    # value there and exactly what the plain code returns on one process.
+    @property
+    def sharded(self) -> bool:
+        """True while training on one rank's shard of a global batch (torchrun)."""
+        return current_shard() is not None
+
+    def global_any(self, mask: torch.Tensor) -> bool:
+        """Whether any row of the (global) batch has ``mask`` set."""
+        shard = current_shard()
+        return bool(mask.any()) if shard is None else shard.any(mask)
+
+    def global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks' shards (``x`` itself on one process); no gradient."""
+        shard = current_shard()
+        return x if shard is None else shard.all_sum(x)
+
+    def batch_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The global batch's mean of a per-shard mean ``value`` (``value`` on one process)."""
+        shard = current_shard()
+        return value if shard is None else shard.batch_mean(value)
+
+    def row_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``x.mean(0)`` over the rows of the global batch; no gradient across ranks."""
+        shard = current_shard()
+        return x.mean(0) if shard is None else shard.row_mean(x)
+
 
 def masked_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy over the rows where ``rows`` is True (0 when there are none)."""
+    """Cross-entropy over the rows where ``rows`` is True (0 when there are none).
+
+    Under torchrun the mean is over the selected rows of the global batch.
+    """
+    shard = current_shard()
+    if shard is not None:
+        return shard.masked_cross_entropy(logits, labels, rows)
     if bool(rows.all()):
         return F.cross_entropy(logits, labels)
     if not bool(rows.any()):
@@ -83,6 +124,11 @@ class Strategy:
     default_fusion: ClassVar[str] = "concat"
     #: fusions the method is defined for (None: any)
     fusions: ClassVar[tuple[str, ...] | None] = None
+    #: True when multi-process training (torchrun) reproduces the one-process method:
+    #: every batch statistic goes through the TrainContext's global helpers or
+    #: ``masked_cross_entropy``, and every decision that changes how many optimizer steps
+    #: a batch takes is global (``ctx.global_any``)
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config

@@ -26,6 +26,7 @@ class JointStrategy(Strategy):
     name = "joint"
     config_class = JointConfig
     default_fusion = "concat"
+    supports_distributed = True
     config: JointConfig
 
     def training_step(self, batch: MultimodalBatch) -> dict[str, float]:

@@ -44,6 +44,7 @@ class MLAStrategy(Strategy):
     config_class = MLAConfig
     default_fusion = "shared"
     fusions = ("shared",)
+    supports_distributed = True
     config: MLAConfig
 
     def __init__(self, config: MLAConfig) -> None:
@@ -60,7 +61,7 @@ class MLAStrategy(Strategy):
 
     def remember(self, modality: str, features: torch.Tensor) -> None:
         """Add the batch-mean feature of ``modality`` to every other modality's projector."""
-        r = features.detach().mean(0)
+        r = self.context.row_mean(features.detach())  # of the global batch under torchrun
         for other, p in self.projectors.items():
             if other == modality:
                 continue
@@ -74,7 +75,7 @@ class MLAStrategy(Strategy):
         losses = []
         for m in ctx.modalities:
             rows = batch.present[m]
-            if not bool(rows.any()):
+            if not ctx.global_any(rows):
                 continue
             z = ctx.model.encode_modality(m, batch.inputs[m])
             loss = masked_cross_entropy(head(z), batch.labels, rows)

@@ -55,6 +55,7 @@ class OGMGEStrategy(Strategy):
     config_class = OGMGEConfig
     default_fusion = "concat"
     fusions = ("concat", "sum", "late")
+    supports_distributed = True
     config: OGMGEConfig
 
     def __init__(self, config: OGMGEConfig) -> None:
@@ -82,6 +83,8 @@ class OGMGEStrategy(Strategy):
                 * batch.present[m]
                 for m, z in out.unimodal_logits.items()
             }
+            if ctx.sharded:  # torchrun: s_m of the global batch
+                probs = {m: ctx.global_sum(p.sum(0, keepdim=True)) for m, p in probs.items()}
         ratios, coefficients = modulation_coefficients(probs, cfg.alpha)
 
         def modulate() -> None:

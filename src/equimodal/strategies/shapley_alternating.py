@@ -57,6 +57,7 @@ class ShapleyAlternatingStrategy(Strategy):
     config_class = ShapleyAlternatingConfig
     default_fusion = "memory"
     fusions = ("memory",)
+    supports_distributed = True
     config: ShapleyAlternatingConfig
 
     def __init__(self, config: ShapleyAlternatingConfig) -> None:
@@ -112,9 +113,11 @@ class ShapleyAlternatingStrategy(Strategy):
         cached: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
         for k, m in enumerate(self.epoch_order):
-            prefix = self.epoch_order[: k + 1]
-            if not bool(batch.present[m].any()):
-                continue
+            if not ctx.global_any(batch.present[m]):
+                continue  # (under torchrun: absent from the whole global batch)
+            # the modalities before m that this batch has (one absent from every sample
+            # would be an identity step of the memory)
+            prefix = tuple(n for n in self.epoch_order[:k] if n in cached) + (m,)
             z_m = ctx.model.encode_modality(m, batch.inputs[m])
             zs = {**cached, m: z_m}
             loss = self._step_loss(zs, batch, prefix, logs, m)

@@ -27,6 +27,7 @@ class UnimodalStrategy(Strategy):
     name = "unimodal"
     config_class = UnimodalConfig
     default_fusion = "concat"
+    supports_distributed = True
     config: UnimodalConfig
 
     def setup(self, ctx: TrainContext) -> None:
