@@ -115,3 +115,59 @@ def test_bench_adds_robustness_columns(tmp_path):
     assert header.endswith("| missing 0.5 % | strongest removed % |")
     row = next(r for r in csv.DictReader((out / "summary.csv").open()) if r["method"] == "ogm")
     assert 0.0 < float(row["missing_0.5_mean"]) <= 1.0
+
+
+def test_bench_resumes_a_killed_run_from_its_last_complete_epoch(tmp_path, monkeypatch):
+    """A run stopped after epoch 1 of 3 continues there and ends as an uninterrupted run."""
+    import json
+
+    from equimodal.bench import execute, load_bench
+    from equimodal.config import build_config
+    from equimodal.engine import trainer as trainer_module
+
+    path = bench_file(tmp_path, seeds=[0])
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["train"]["epochs"] = 3
+    spec["base"]["train"]["patience"] = None
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    runs, _ = load_bench(path, out)
+    assert not execute(runs)
+    run = next(r for r in runs if r.run_dir.name == "ogm-s0")
+    reference = (run.run_dir / "history.jsonl").read_text()
+
+    class Killed(Exception):
+        pass
+
+    def stop_after_first_epoch(row):
+        if row["epoch"] == 1:
+            raise Killed
+
+    for child in list(run.run_dir.iterdir()):
+        if child.is_file():
+            child.unlink()
+    cfg = build_config(run.config)
+    with pytest.raises(Killed):
+        trainer_module.Trainer(
+            cfg, run_dir=run.run_dir, progress=False, on_epoch=stop_after_first_epoch
+        ).fit()
+    assert not (run.run_dir / "metrics.json").exists()
+
+    resumed = []
+    original = trainer_module.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        resumed.append(kwargs.get("resume", False))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
+    assert not execute(runs)
+    assert resumed == [True]
+
+    def no_times(text):
+        rows = [json.loads(line) for line in text.splitlines()]
+        for row in rows:
+            row.pop("train_time_s", None), row.pop("eval_time_s", None)
+        return rows
+
+    assert no_times((run.run_dir / "history.jsonl").read_text()) == no_times(reference)

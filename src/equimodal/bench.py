@@ -14,9 +14,11 @@ A bench file (YAML)::
       - {label: joint, strategy: {name: joint}, model: {fusion: concat}}
 
 Runs go to ``OUT/<dataset>/<label>-s<seed>/``. A run with a ``metrics.json`` is finished
-and never repeated; a folder without one (a killed run) is removed and run again, so a
-stopped bench continues where it stopped. Every run selects its checkpoint on validation
-and reads test once (the trainer's protocol).
+and never repeated; a killed run continues from its last complete epoch (as ``train
+--resume``) and ends as if never stopped, so a stopped bench continues where it stopped
+(a folder without a complete epoch, or of another config, is removed and run again).
+Every run selects its checkpoint on validation and reads test once (the trainer's
+protocol).
 
 Executors: ``local`` (default) trains the runs on a pool of local processes; ``ray``
 sends each run to a Ray cluster as a task (``pip install 'equimodal[distributed]'``).
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from equimodal.config import ConfigError, RunConfig, build_config, load_yaml
+from equimodal.config import ConfigError, RunConfig, build_config, dump_config, load_yaml
 
 BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness"}
 EXECUTORS = ("local", "ray")
@@ -144,15 +146,25 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
     torch.set_num_threads(threads)
     cfg: RunConfig = build_config(config)
     path = Path(run_dir)
-    if path.exists():
-        shutil.rmtree(path)  # a partial run from a killed bench
-    path.mkdir(parents=True)
+    resume = can_resume(path, cfg)
+    if path.exists() and not resume:
+        shutil.rmtree(path)  # a killed run that had not finished an epoch, or another config
+    path.mkdir(parents=True, exist_ok=True)
     try:
-        Trainer(cfg, run_dir=path, progress=False).fit()
+        Trainer(cfg, run_dir=path, progress=False, resume=resume).fit()
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return run_dir
+
+
+def can_resume(path: Path, cfg: RunConfig) -> bool:
+    """Whether ``path`` holds a killed run of ``cfg`` with a complete epoch to resume from."""
+    try:
+        same = (path / "config.yaml").read_text() == dump_config(cfg)
+    except OSError:
+        return False
+    return same and (path / "checkpoints" / "last.safetensors").is_file()
 
 
 def bench_wants_robustness(path: str | Path) -> bool:

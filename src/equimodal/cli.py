@@ -118,11 +118,39 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run folder from its last complete epoch, with its "
+            "own config.yaml; it ends as an uninterrupted run would.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model; with no options, `shapley_alternating` on mfeat (tmc split)."""
     from equimodal.data.registry import load_dataset
     from equimodal.engine.trainer import Trainer, build_model, remove_run_dir
 
+    if resume is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--dataset", dataset),
+                ("--strategy", strategy),
+                ("--fusion", fusion),
+                ("--epochs", epochs),
+                ("--seed", seed),
+                ("--config", config),
+                ("--set", set_),
+                ("--name", name),
+                ("--train-missing-rate", train_missing_rate),
+            )
+            if value
+        ]
+        if given:
+            _fail(f"--resume continues a run with its own config.yaml; drop {', '.join(given)}")
+        _resume_run(resume, quiet)
+        return
     overrides: list[str] = []
     for key, value in (
         ("dataset.name", dataset),
@@ -171,7 +199,8 @@ def train(
         result = Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err).fit()
     except KeyboardInterrupt:
         err.print(
-            f"interrupted; the last complete epoch is in {run_dir}/checkpoints/last.safetensors"
+            f"interrupted; the last complete epoch is in {run_dir}/checkpoints/last.safetensors; "
+            f"continue with: equimodal train --resume {run_dir}"
         )
         raise typer.Exit(code=130) from None
     except USER_ERRORS as exc:
@@ -185,6 +214,49 @@ def train(
         raise
     _draw_plots(run_dir)
     _print_metrics(result.metrics, run_dir)
+
+
+def _resume_run(run_dir: Path, quiet: bool) -> None:
+    """``train --resume``: continue ``run_dir`` from ``checkpoints/last.safetensors``."""
+    from equimodal.data.registry import load_dataset
+    from equimodal.engine.distributed import is_main_process
+    from equimodal.engine.trainer import Trainer
+
+    try:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+        if (run_dir / "metrics.json").is_file():
+            raise ValueError(
+                f"run {str(run_dir)!r} already finished (it has metrics.json); nothing to resume"
+            )
+        last = run_dir / "checkpoints" / "last.safetensors"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"cannot resume {str(run_dir)!r}: {str(last)!r} does not exist (the run "
+                "stopped before its first epoch ended; start it again)"
+            )
+        cfg = build_config(load_yaml(run_dir / "config.yaml"))
+        data = load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
+        main = is_main_process()
+        if main:
+            err.print(
+                f"[bold]equimodal[/] resuming {run_dir} ({cfg.strategy.name} on "
+                f"{cfg.dataset.name}, seed {cfg.seed})",
+                highlight=False,
+            )
+        trainer = Trainer(
+            cfg, data=data, run_dir=run_dir, progress=main and not quiet, console=err, resume=True
+        )
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        err.print(f"interrupted again; resume with: equimodal train --resume {run_dir}")
+        raise typer.Exit(code=130) from None
+    except USER_ERRORS as exc:  # the interrupted run stays as it was, for another try
+        _fail(_message(exc))
+        return
+    if main:
+        _draw_plots(run_dir)
+        _print_metrics(result.metrics, run_dir)
 
 
 def _draw_plots(run_dir: Path) -> None:

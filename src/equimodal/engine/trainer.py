@@ -11,6 +11,7 @@ writes files; the others train their shards and follow its decisions.
 
 from __future__ import annotations
 
+import base64
 import json
 import platform
 import random
@@ -31,7 +32,12 @@ import equimodal
 from equimodal.config import RunConfig, dump_config
 from equimodal.data.base import DatasetInfo, FeatureSplit, MultimodalData
 from equimodal.data.registry import load_dataset
-from equimodal.engine.checkpoint import load_model_state, read_checkpoint, save_checkpoint
+from equimodal.engine.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from equimodal.engine.distributed import Distributed
 from equimodal.engine.files import write_json_atomic, write_text_atomic
 from equimodal.evaluate import SplitReport, class_prior, encode_split, evaluate_cache
@@ -59,6 +65,37 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's (CPU, CUDA) random states as JSON-serialisable data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode("ascii")
+            for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(t) for t in state["cuda"]])
 
 
 def build_model(config: RunConfig, info: DatasetInfo) -> MultimodalModel:
@@ -159,6 +196,7 @@ class Trainer:
         progress: bool = True,
         console: Console | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = False,
     ) -> None:
         self.config = config
         self.data = data
@@ -166,6 +204,9 @@ class Trainer:
         self.show_progress = progress
         self.console = console or Console(stderr=True)
         self.on_epoch = on_epoch
+        if resume and self.run_dir is None:
+            raise ValueError("resume needs the run folder of the interrupted run")
+        self.resume = resume
 
     # ------------------------------------------------------------------ helpers
     def _evaluate(
@@ -244,6 +285,8 @@ class Trainer:
             if len(split) == 0:
                 raise ValueError(f"dataset {info.name!r}: the {name} split is empty")
         prior = class_prior(data.train.labels, info.num_classes)
+        splits = {"train": train, "val": val, "test": test}
+        resumed = self._load_resume(model, optimizer, scheduler, strategy) if self.resume else None
 
         ckpt_dir = None
         if run_dir is not None:
@@ -254,22 +297,46 @@ class Trainer:
         history: list[dict[str, Any]] = []
         started = time.perf_counter()
         model.train()
-        if main:
-            initial = self._evaluate(model, strategy, "val", val, prior, device)
-            history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
-        self._follow(group, strategy)
         best_key = (-1.0, float("inf"))
         best_state: dict[str, torch.Tensor] | None = None
         best_strategy: dict[str, Any] = strategy.state_dict()
         best_epoch = 0
         stale = 0
+        first_epoch = 1
+        earlier_seconds = 0.0
+        if resumed is None:
+            if main:
+                initial = self._evaluate(model, strategy, "val", val, prior, device)
+                history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
+            self._follow(group, strategy)
+        else:
+            history = resumed["history"]
+            best_key = (float(resumed["best_key"][0]), float(resumed["best_key"][1]))
+            best_state, best_strategy = resumed["best_state"], resumed["best_strategy"]
+            best_epoch, stale = int(resumed["best_epoch"]), int(resumed["stale"])
+            first_epoch = int(resumed["epoch"]) + 1
+            earlier_seconds = float(resumed.get("train_seconds", 0.0))
+            for name, passes in resumed.get("passes", {}).items():
+                if hasattr(splits[name], "passes"):
+                    splits[name].passes = int(passes)
+            if run_dir is not None:  # drop rows of an epoch whose checkpoint was not written
+                write_text_atomic(
+                    run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history)
+                )
+            set_rng_state(resumed["rng"])  # last: the state right after the saved epoch
+            if cfg.train.patience is not None and stale >= cfg.train.patience:
+                first_epoch = cfg.train.epochs + 1  # it had stopped early; only the end is left
         tc = cfg.train
         # batch norm cannot train on a shard of one row (torchrun only)
         min_rows = 2 if group.active and _has_batch_norm(model) else 1
         progress = self._progress() if main else None
-        task = progress.add_task("training", total=tc.epochs) if progress else None
+        task = (
+            progress.add_task("training", total=tc.epochs, completed=first_epoch - 1)
+            if progress
+            else None
+        )
         with progress or nullcontext():
-            for epoch in range(1, tc.epochs + 1):
+            for epoch in range(first_epoch, tc.epochs + 1):
                 t0 = time.perf_counter()
                 model.train()
                 strategy.on_epoch_start(epoch)
@@ -326,15 +393,27 @@ class Trainer:
                     row["best"] = improved
                     history.append(row)
                     if run_dir is not None:
+                        # the checkpoint is the truth a resume starts from; history.jsonl
+                        # is rewritten from it, so a kill between the two writes is harmless
+                        meta = self._meta(epoch, strategy, info)
+                        meta["resume"] = {
+                            "epoch": epoch,
+                            "history": history,
+                            "best_key": list(best_key),
+                            "best_epoch": best_epoch,
+                            "best_strategy": best_strategy,
+                            "stale": stale,
+                            "scheduler": None if scheduler is None else scheduler.state_dict(),
+                            "rng": rng_state(),
+                            "passes": {
+                                n: sp.passes for n, sp in splits.items() if hasattr(sp, "passes")
+                            },
+                            "train_seconds": earlier_seconds + time.perf_counter() - started,
+                        }
+                        save_checkpoint(ckpt_dir / "last.safetensors", model, meta, optimizer)
                         write_text_atomic(
                             run_dir / "history.jsonl",
                             "".join(json.dumps(r) + "\n" for r in history),
-                        )
-                        save_checkpoint(
-                            ckpt_dir / "last.safetensors",
-                            model,
-                            self._meta(epoch, strategy, info),
-                            optimizer,
                         )
                     if self.on_epoch is not None:
                         self.on_epoch(row)
@@ -350,7 +429,7 @@ class Trainer:
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if stop:
                     break
-        train_seconds = time.perf_counter() - started
+        train_seconds = earlier_seconds + time.perf_counter() - started
 
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -394,6 +473,45 @@ class Trainer:
         return TrainResult(
             metrics=metrics, run_dir=run_dir, history=history, model=model, strategy=strategy
         )
+
+    def _load_resume(self, model, optimizer, scheduler, strategy: Strategy) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and strategy from ``last.safetensors``.
+
+        Returns the loop's state at the end of the last complete epoch (history, best so
+        far, patience, RNG states, data passes), with the best model's tensors.
+        """
+        assert self.run_dir is not None
+        path = self.run_dir / "checkpoints" / "last.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"cannot resume {str(self.run_dir)!r}: {str(path)!r} does not exist "
+                "(the run stopped before its first epoch ended; start it again)"
+            )
+        state, meta, optim_state = read_checkpoint(path)
+        saved = meta.get("resume")
+        if not isinstance(saved, dict) or optim_state is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds no resume state (written by an older equimodal)"
+            )
+        if meta.get("strategy") != strategy.name:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is of strategy {meta.get('strategy')!r}, the run's "
+                f"config.yaml says {strategy.name!r}"
+            )
+        load_model_state(model, state, str(path))
+        optimizer.load_state_dict(optim_state)
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        strategy.load_state_dict(meta.get("strategy_state", {}))
+        saved["best_state"] = None
+        best_path = self.run_dir / "checkpoints" / "best.safetensors"
+        if best_path.is_file():
+            best_tensors, best_meta, _ = read_checkpoint(best_path)
+            # a best checkpoint from a later epoch (killed before last.safetensors was
+            # written) is left aside: the resumed run recomputes that epoch
+            if int(best_meta.get("epoch", -1)) == int(saved["best_epoch"]):
+                saved["best_state"] = best_tensors
+        return saved
 
     @staticmethod
     def _follow(group: Distributed, strategy: Strategy, payload: Any = None) -> Any:
