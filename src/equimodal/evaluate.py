@@ -2,6 +2,9 @@
 
 Encoders run once per sample (``encode_split``); every coalition of modalities is then
 scored from the cached features, running only the fusion and the head (METHODS §1.4).
+The coalitions a Shapley estimate needs are known in advance and scored together
+(:func:`predict_coalition_logits`): the memory fusion runs each distinct prefix of every
+(coalition, order) once, in one batched pass per chain position.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from equimodal.balance.edm import EDMResult, edm
-from equimodal.balance.shapley import ShapleyResult, shapley_values
+from equimodal.balance.shapley import ShapleyResult, required_coalitions, shapley_values
 from equimodal.data.base import FeatureSplit
 from equimodal.models.model import MultimodalModel
 
@@ -84,6 +87,38 @@ def predict_logits(
         )
     model.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_coalition_logits(
+    model: MultimodalModel,
+    cache: FeatureCache,
+    coalitions: Sequence[Sequence[str]],
+    orders: Sequence[Sequence[str]] | None = None,
+    weights: Sequence[float] | None = None,
+    batch_size: int = 4096,
+    **fuse_options: Any,
+) -> list[torch.Tensor]:
+    """Logits of the model reading each coalition, from cached features (eval mode).
+
+    Equals :func:`predict_logits` per coalition; the memory fusion evaluates all
+    coalitions and orders in one batched computation over shared prefixes
+    (:meth:`MultimodalModel.fuse_coalitions`).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return model.fuse_coalitions(
+            cache.z,
+            cache.present,
+            coalitions,
+            orders=orders,
+            weights=weights,
+            max_rows=batch_size,
+            **fuse_options,
+        )
+    finally:
+        model.train(was_training)
 
 
 def value_of_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> float:
@@ -230,6 +265,20 @@ def evaluate_cache(
         return v
 
     options = {"max_exact_players": max_exact, "num_permutations": permutations, "seed": seed}
+    # every coalition the estimate will ask for, evaluated in one batch
+    wanted = {
+        members
+        for mask in required_coalitions(len(names), **options)
+        for members in [tuple(read([names[i] for i in range(len(names)) if mask >> i & 1]))]
+        if members and members not in logits_of
+    }
+    batch = sorted(wanted, key=lambda c: (len(c), [names.index(m) for m in c]))
+    for members, out in zip(
+        batch,
+        predict_coalition_logits(model, cache, batch, **inference, batch_size=batch_size),
+        strict=True,
+    ):
+        logits_of[members] = out
     report.shapley = shapley_values(value_fn("accuracy"), len(names), **options)
     report.schedule_shapley = (
         report.shapley

@@ -12,8 +12,10 @@ from equimodal.balance.shapley import (
     ShapleyResult,
     all_coalitions,
     coalition_members,
+    draw_permutations,
     exact_shapley,
     exact_shapley_from_table,
+    required_coalitions,
     sampled_shapley,
     shapley_values,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "coalition_members",
     "contribution_shares",
     "cyclic_shifts",
+    "draw_permutations",
     "edm",
     "exact_shapley",
     "exact_shapley_from_table",
@@ -33,6 +36,7 @@ __all__ = [
     "minor_modalities",
     "order_from_scores",
     "relative_edm",
+    "required_coalitions",
     "sampled_shapley",
     "shapley_values",
 ]

@@ -2,7 +2,8 @@
 
 Coalitions are bitmasks over players ``0..M-1`` (bit ``i`` set: player ``i`` is in). The
 value function is called once per distinct coalition; the model side (``equimodal.
-evaluate``) makes each call cheap by reusing cached encoder features.
+evaluate``) reuses cached encoder features and, knowing in advance which coalitions an
+estimate will ask for (:func:`required_coalitions`), evaluates all of them in one batch.
 
 * :func:`exact_shapley` enumerates all ``2^M`` coalitions:
   ``phi_m = sum_{S ⊆ M minus m} |S|! (M-|S|-1)! / M! [v(S ∪ {m}) - v(S)]``.
@@ -131,6 +132,47 @@ def exact_shapley(value_fn: ValueFn, num_players: int) -> ShapleyResult:
     return exact_shapley_from_table(table)
 
 
+def draw_permutations(
+    num_players: int, num_permutations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The ``(num_permutations, M)`` permutations :func:`sampled_shapley` walks (before the
+    antithetic reverses), drawn from ``rng`` in the same way."""
+    out = np.empty((num_permutations, num_players), dtype=np.int64)
+    for k in range(num_permutations):
+        out[k] = rng.permutation(num_players)
+    return out
+
+
+def required_coalitions(
+    num_players: int,
+    *,
+    max_exact_players: int = 8,
+    num_permutations: int = 64,
+    seed: int = 0,
+    antithetic: bool = True,
+) -> list[int]:
+    """The coalitions (bitmasks, ascending) that :func:`shapley_values` with the same
+    arguments will ask the value function for.
+
+    A caller that can evaluate many coalitions in one batch (cached features through one
+    prefix tree, :meth:`equimodal.models.MultimodalModel.fuse_coalitions`) evaluates these
+    first and then answers ``shapley_values`` from a table.
+    """
+    if num_players <= max_exact_players:
+        _check_exact_players(num_players)
+        return all_coalitions(num_players)
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be positive, got {num_permutations}")
+    masks = {0, (1 << num_players) - 1}
+    for order in draw_permutations(num_players, num_permutations, np.random.default_rng(seed)):
+        for walk in (order, order[::-1]) if antithetic else (order,):
+            mask = 0
+            for player in walk:
+                mask |= 1 << int(player)
+                masks.add(mask)
+    return sorted(masks)
+
+
 def sampled_shapley(
     value_fn: ValueFn,
     num_players: int,
@@ -170,8 +212,7 @@ def sampled_shapley(
         return out
 
     samples = np.empty((num_permutations, num_players))
-    for k in range(num_permutations):
-        order = rng.permutation(num_players)
+    for k, order in enumerate(draw_permutations(num_players, num_permutations, rng)):
         contrib = contributions(order)
         if antithetic:
             contrib = 0.5 * (contrib + contributions(order[::-1]))

@@ -186,7 +186,12 @@ class SharedHeadFusion(Fusion):
 
 
 class MemoryFusion(Fusion):
-    """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state."""
+    """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state.
+
+    In evaluation, several orders (hybrid-order inference) are one batched computation:
+    orders stacked on the batch axis for small inputs, the prefix tree of
+    :mod:`equimodal.models.order_tree` from ``tree_min_work`` rows x orders x width on.
+    """
 
     uses_order = True
 
@@ -198,6 +203,10 @@ class MemoryFusion(Fusion):
         self.memory = CrossModalMemory(len(self.modalities), dim, **memory_options)
         self.head = nn.Linear(dim, num_classes)
         self._index = {m: k for k, m in enumerate(self.modalities)}
+        #: evaluation with several orders goes through the prefix tree (each distinct
+        #: prefix once, see ``order_tree``) from this much work (rows x orders x width)
+        #: on; below it, stacking the orders on the batch axis has less overhead
+        self.tree_min_work = 2048
 
     def order_tensor(self, orders: Sequence[Sequence[str]], device: torch.device) -> torch.Tensor:
         """Orders of modality names as an ``(O, L)`` index tensor (all of one length)."""
@@ -228,6 +237,19 @@ class MemoryFusion(Fusion):
             dim=1,
         )
         order_idx = self.order_tensor(orders, ref.device)
+        if (
+            not self.training
+            and not align_loss
+            and len(orders) > 1
+            and ref.shape[0] * len(orders) * self.dim >= self.tree_min_work
+            and bool(mask.index_select(1, torch.unique(order_idx)).all())
+        ):
+            idx = order_idx.tolist()
+            w_list = [1.0] * len(idx) if weights is None else [float(v) for v in weights]
+            state = self.tree_states(stacked, [list(zip(idx, w_list, strict=True))])[0]
+            return FusionOutput(
+                logits=self.head(state), fused=state, aux_losses=[None] * len(idx[0])
+            )
         w = (
             None
             if weights is None
@@ -237,6 +259,21 @@ class MemoryFusion(Fusion):
         return FusionOutput(
             logits=self.head(result.state), fused=result.state, aux_losses=result.align_losses
         )
+
+    def tree_states(
+        self,
+        stacked: torch.Tensor,
+        targets: Sequence[Sequence[tuple[Sequence[int], float]]],
+        logits: bool = False,
+    ) -> torch.Tensor:
+        """Evaluation of several targets (each a list of weighted orders of modality
+        indices) over features ``(B, M, d)`` through one prefix tree: their averaged memory
+        states ``(T, B, d)``, or with ``logits`` the head's output ``(T, B, C)``. Every
+        modality the orders read must be present in every row."""
+        from equimodal.models.order_tree import build_order_tree, tree_states
+
+        tree = build_order_tree(targets)
+        return tree_states(self.memory, stacked, tree, readout=self.head if logits else None)
 
     def unimodal_logits(self, z):
         """``g(z_m)``: the memory chain of one modality is its feature itself."""

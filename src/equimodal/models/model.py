@@ -150,6 +150,88 @@ class MultimodalModel(nn.Module):
                     weights = None
         return self.fusion(zs, ps, orders=orders, weights=weights, align_loss=align_loss)
 
+    @torch.no_grad()
+    def fuse_coalitions(
+        self,
+        z: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor],
+        coalitions: Sequence[Sequence[str]],
+        orders: Sequence[Sequence[str]] | None = None,
+        weights: Sequence[float] | None = None,
+        calibration: Calibration | None = None,
+        max_rows: int = 4096,
+    ) -> list[torch.Tensor]:
+        """Logits ``(B, C)`` of each coalition, as :meth:`fuse` gives them, in one pass.
+
+        Evaluation of many coalitions (Shapley values): with the memory fusion in eval mode
+        every (coalition, induced order) of ``orders`` goes through one prefix tree
+        (:mod:`equimodal.models.order_tree`), so a prefix shared by several coalitions or
+        orders is computed once and each level is a few batched products. Rows missing a
+        modality, calibrated inference, training mode and the other fusions take
+        :meth:`fuse` per coalition, ``max_rows`` rows at a time.
+        """
+        names = [self._check(c) for c in coalitions]
+        if any(not c for c in names):
+            raise ValueError("fuse_coalitions needs at least one modality per coalition")
+        if not names:
+            return []
+        ref = next(iter(z.values()))
+        n = ref.shape[0]
+        tree_rows = torch.zeros(n, dtype=torch.bool, device=ref.device)
+        if self.fusion.uses_order and calibration is None and not self.training:
+            used = sorted({m for c in names for m in c})
+            tree_rows = torch.ones_like(tree_rows)
+            for m in used:
+                tree_rows &= present[m]
+        out = [ref.new_empty(n, self.num_classes) for _ in names]
+        if bool(tree_rows.any()):
+            rows = tree_rows.nonzero().squeeze(1) if not bool(tree_rows.all()) else None
+            for k, logits in enumerate(self._tree_logits(z, names, orders, weights, rows)):
+                out[k][tree_rows] = logits
+        rest = (~tree_rows).nonzero().squeeze(1)
+        for start in range(0, rest.numel(), max_rows):
+            idx = rest[start : start + max_rows]
+            zs = {m: v.index_select(0, idx) for m, v in z.items()}
+            ps = {m: v.index_select(0, idx) for m, v in present.items()}
+            for k, members in enumerate(names):
+                out[k][idx] = self.fuse(
+                    zs,
+                    ps,
+                    modalities=members,
+                    orders=orders,
+                    weights=weights,
+                    calibration=calibration,
+                ).logits
+        return out
+
+    def _tree_logits(
+        self,
+        z: Mapping[str, torch.Tensor],
+        coalitions: Sequence[Sequence[str]],
+        orders: Sequence[Sequence[str]] | None,
+        weights: Sequence[float] | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Memory fusion: the logits of every coalition through one prefix tree."""
+        index = {m: k for k, m in enumerate(self.modalities)}
+        targets = []
+        for members in coalitions:
+            if orders is None:
+                induced, w = [tuple(members)], [1.0]
+            else:
+                induced, w = induce_orders(orders, members, weights)
+                if not induced:
+                    raise ValueError(f"no order reads any of {', '.join(members)}")
+            targets.append([([index[m] for m in o], wk) for o, wk in zip(induced, w, strict=True)])
+        ref = next(iter(z.values()))
+        stacked = torch.stack(
+            [z[m] if m in z else ref.new_zeros(ref.shape[0], self.dim) for m in self.modalities],
+            dim=1,
+        )
+        if rows is not None:
+            stacked = stacked.index_select(0, rows)
+        return self.fusion.tree_states(stacked, targets, logits=True)  # type: ignore[attr-defined]
+
     def forward(
         self,
         batch: MultimodalBatch,
