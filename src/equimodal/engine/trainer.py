@@ -127,10 +127,14 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
     """The optimizer of ``config.optim`` over all model parameters."""
     oc = config.optim
     params = list(model.parameters())
-    if oc.name == "adamw":
-        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    if oc.name == "adam":
-        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    if oc.name in ("adamw", "adam"):
+        kind = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+        if oc.fused:
+            try:
+                return kind(params, lr=oc.lr, weight_decay=oc.weight_decay, fused=True)
+            except (RuntimeError, ValueError, TypeError):
+                pass  # this torch or device has no fused kernel: the loop implementation
+        return kind(params, lr=oc.lr, weight_decay=oc.weight_decay)
     return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
 
 
