@@ -227,15 +227,6 @@ def load_kinetics_sounds(
         num_workers=num_workers,
         max_items=max_items,
         augment=augment,
-        options={
-            "root": str(root),
-            "num_frames": num_frames,
-            "frame_size": frame_size,
-            "audio_seconds": audio_seconds,
-            "val_fraction": val_fraction,
-            "max_items": max_items,
-            "augment": augment,
-        },
     )
 
 

@@ -720,6 +720,29 @@ class AVItemSplit(ItemSplit):
         return out
 
 
+def reader_split(
+    items: Sequence[Any],
+    ids: np.ndarray,
+    reader: Any,
+    labels: np.ndarray,
+    shapes: dict[str, tuple[int, ...]],
+    num_workers: int,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> AVItemSplit:
+    """The rows ``ids`` of ``items`` as a split read by ``reader`` (given the split back)."""
+    split = AVItemSplit(
+        [items[i] for i in ids],
+        reader,
+        torch.from_numpy(labels[ids]),
+        shapes,
+        indices=torch.from_numpy(np.asarray(ids, dtype=np.int64)),
+        num_workers=num_workers,
+        **({"dtypes": dtypes} if dtypes else {}),
+    )
+    reader.split = split
+    return split
+
+
 def build_av_data(
     info: Any,
     root: Path,
@@ -736,7 +759,7 @@ def build_av_data(
     num_workers: int,
     max_items: int | None,
     augment: bool,
-    options: dict[str, Any],
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Train / val / test :class:`~equimodal.data.items.ItemSplit` s of a prepared folder.
 
@@ -821,16 +844,7 @@ def build_av_data(
 
     def make(ids: np.ndarray, train: bool) -> ItemSplit:
         reader = AVReader(num_frames, frame_size, audio_frames, train, augment, seed)
-        split = AVItemSplit(
-            [items[i] for i in ids],
-            reader,
-            torch.from_numpy(y[ids]),
-            shapes,
-            indices=torch.from_numpy(np.asarray(ids, dtype=np.int64)),
-            num_workers=num_workers,
-        )
-        reader.split = split
-        return split
+        return reader_split(items, ids, reader, y, shapes, num_workers)
 
     new_info = replace(
         info,
@@ -845,5 +859,15 @@ def build_av_data(
         train=make(train_rows, True),
         val=make(val_rows, False),
         test=make(test_rows, False),
-        options=dict(options),
+        options=dict(options)
+        if options is not None
+        else {
+            "root": str(root),
+            "num_frames": num_frames,
+            "frame_size": frame_size,
+            "audio_seconds": audio_seconds,
+            "val_fraction": val_fraction,
+            "max_items": max_items,
+            "augment": augment,
+        },
     )

@@ -47,12 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
 from equimodal.data.items import ItemSplit
 from equimodal.data.media import (
-    AVItemSplit,
     check_options,
     failure_notes,
     load_frames,
     prepare_hint,
     read_prepare_json,
+    reader_split,
     run_items,
     write_prepare_json,
     write_text_file,
@@ -375,17 +375,9 @@ def load_mvsa_single(
 
     def make(ids: np.ndarray, train: bool) -> ItemSplit:
         reader = ImageTextReader(frame_size, train, augment, seed)
-        split = AVItemSplit(
-            [items[i] for i in ids],
-            reader,
-            torch.from_numpy(y[ids]),
-            shapes,
-            dtypes={"text": torch.uint8},
-            indices=torch.from_numpy(np.asarray(ids, dtype=np.int64)),
-            num_workers=num_workers,
+        return reader_split(
+            items, ids, reader, y, shapes, num_workers, dtypes={"text": torch.uint8}
         )
-        reader.split = split
-        return split
 
     from dataclasses import replace
 
