@@ -255,3 +255,20 @@ def test_prefix_tree_refuses_bad_targets_and_training_mode():
         tree_states(
             model.fusion.memory, torch.randn(2, 3, model.dim), build_order_tree([[((0,), 1.0)]])
         )
+
+
+def test_cli_prints_standard_errors_next_to_sampled_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from equimodal.cli import app
+
+    from .conftest import small_overrides
+
+    sets = small_overrides("joint", epochs=1) + [
+        "dataset.options={num_modalities: 9, num_samples: 240}",
+        "train.shapley.permutations=4",
+    ]
+    args = ["train", "-q", "--out", str(tmp_path)] + [x for o in sets for x in ("--set", o)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(" ± ") == 9  # one per modality, in the Shapley column

@@ -289,10 +289,12 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
         alone = test.get("standalone_val_accuracy", {})
         for col in ("modality", "Shapley", "share", "deviation from equal share", "alone (val)"):
             per.add_column(col, justify="right")
+        stderr = test.get("shapley_stderr") or {}  # sampled above train.shapley.max_exact
         for m in metrics["modalities"]:
+            error = f" ± {100 * stderr[m]:.2f}" if m in stderr else ""
             per.add_row(
                 m,
-                f"{100 * test['shapley'][m]:+.2f} pts",
+                f"{100 * test['shapley'][m]:+.2f}{error} pts",
                 f"{100 * test['shapley_share'][m]:.1f} %",
                 f"{100 * test['edm_deviation'][m]:+.1f} pts",
                 f"{100 * alone[m]:.1f} %" if m in alone else "-",
