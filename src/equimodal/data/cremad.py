@@ -47,6 +47,7 @@ from equimodal.data.media import (
     log_stft,
     npy_shape,
     prepare_hint,
+    prepared_root,
     read_prepare_json,
     read_wav,
     remove_partials,
@@ -125,12 +126,7 @@ def load_cremad(
     horizontal flip to training frames; ``max_items`` keeps the first items of each split
     file (quick runs).
     """
-    if root is None:
-        raise ValueError(
-            "dataset 'cremad' needs dataset.options.root, the folder of a prepared copy; "
-            + prepare_hint("cremad", "ROOT")
-        )
-    base = Path(root).expanduser()
+    base = prepared_root(root, "cremad")
     meta = read_prepare_json(base, "cremad")
     settings = meta["settings"]
     names: dict[str, list[str]] = {}

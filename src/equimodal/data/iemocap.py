@@ -64,7 +64,7 @@ from equimodal.data.items import ItemSplit
 from equimodal.data.media import (
     check_options,
     npy_shape,
-    prepare_hint,
+    prepared_root,
     read_prepare_json,
     write_prepare_json,
 )
@@ -685,11 +685,7 @@ def load_iemocap(
     ``max_steps`` crops the sequences. Validation is the source's own split when it has
     one (MulT, MLA), else a stratified ``val_fraction`` of train for ``seed``.
     """
-    if root is None:
-        raise ValueError(
-            "dataset 'iemocap' needs dataset.options.root, the folder of a prepared copy; "
-            + prepare_hint("iemocap", "ROOT")
-        )
+    base = prepared_root(root, "iemocap")
     if classes not in (4, 6):
         raise ValueError(f"classes must be 4 or 6, got {classes}")
     if text not in ("auto", "features", "transcript"):
@@ -697,7 +693,6 @@ def load_iemocap(
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
     check_loader_options(num_workers, max_items, max_text_bytes)
-    base = Path(root).expanduser()
     settings = read_prepare_json(base, "iemocap")["settings"]
     shapes = {m: tuple(s) for m, s in dict(settings.get("modalities") or {}).items()}
     if classes not in settings.get("emotion_classes", [4, 6]):

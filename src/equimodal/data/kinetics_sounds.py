@@ -31,6 +31,7 @@ BalanceBenchmark) evenly spaced frames, random within their segment when trainin
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from equimodal.data.media import (
     log_mel_fbank,
     npy_shape,
     prepare_hint,
+    prepared_root,
     read_prepare_json,
     read_wav,
     remove_partials,
@@ -185,12 +187,7 @@ def load_kinetics_sounds(
     ``augment`` applies a random resized crop and horizontal flip to training frames;
     ``max_items`` keeps the first items of each split file (quick runs).
     """
-    if root is None:
-        raise ValueError(
-            "dataset 'kinetics_sounds' needs dataset.options.root, the folder of a prepared "
-            "copy; " + prepare_hint("kinetics_sounds", "ROOT")
-        )
-    base = Path(root).expanduser()
+    base = prepared_root(root, "kinetics_sounds")
     meta = read_prepare_json(base, "kinetics_sounds")
     settings = meta["settings"]
     names: dict[str, list[str]] = {}
@@ -202,16 +199,7 @@ def load_kinetics_sounds(
             )
         names[split], tokens[split], _ = _drop_header(read_split_file(base / filename))
     labels, class_names = class_ids(tokens, f"split files in {str(base)!r}", base / CLASSES_FILE)
-    info = DatasetInfo(
-        name=INFO.name,
-        modalities=INFO.modalities,
-        num_classes=len(class_names),
-        num_samples=INFO.num_samples,
-        source=INFO.source,
-        license=INFO.license,
-        description=INFO.description,
-        class_names=class_names,
-    )
+    info = replace(INFO, num_classes=len(class_names), class_names=class_names)
     return build_av_data(
         info,
         base,

@@ -415,6 +415,16 @@ def prepare_hint(dataset: str, root: str | Path) -> str:
     return f"run `equimodal prepare {dataset} --raw RAW_FOLDER --out {root}`"
 
 
+def prepared_root(root: str | None, dataset: str) -> Path:
+    """``dataset.options.root`` as a path; a one-line error with the prepare hint if unset."""
+    if root is None:
+        raise ValueError(
+            f"dataset {dataset!r} needs dataset.options.root, the folder of a prepared copy; "
+            + prepare_hint(dataset, "ROOT")
+        )
+    return Path(root).expanduser()
+
+
 def read_prepare_json(root: str | Path, dataset: str) -> dict[str, Any]:
     """The settings of a prepared folder; a one-line error when it is not one."""
     import json
@@ -656,6 +666,12 @@ def folder_list(raw: Path, value: str | Sequence[str] | None) -> list[Path]:
     return [raw / str(p).strip() for p in parts if str(p).strip()]
 
 
+def item_rng(seed: int, split: Any, item: dict[str, Any]) -> np.random.Generator:
+    """The generator of one training item: seeded by (seed, pass over ``split``, row)."""
+    passes = int(getattr(split, "passes", 0))
+    return np.random.default_rng([seed, passes, int(item["row"])])
+
+
 class AVReader:
     """Reads one item ``{"row", "audio", "frames"}`` of a prepared audio-visual dataset.
 
@@ -685,10 +701,7 @@ class AVReader:
         self.split: Any = None  # the ItemSplit, for its pass counter
 
     def __call__(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        rng = None
-        if self.train:
-            passes = int(getattr(self.split, "passes", 0))
-            rng = np.random.default_rng([self.seed, passes, int(item["row"])])
+        rng = item_rng(self.seed, self.split, item) if self.train else None
         try:
             spec = np.load(item["audio"], allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:

@@ -49,8 +49,10 @@ from equimodal.data.items import ItemSplit
 from equimodal.data.media import (
     check_options,
     failure_notes,
+    item_rng,
     load_frames,
     prepare_hint,
+    prepared_root,
     read_prepare_json,
     reader_split,
     run_items,
@@ -286,10 +288,7 @@ class ImageTextReader:
         self.split: Any = None  # the ItemSplit, for its pass counter
 
     def __call__(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        rng = None
-        if self.train and self.augment:
-            passes = int(getattr(self.split, "passes", 0))
-            rng = np.random.default_rng([self.seed, passes, int(item["row"])])
+        rng = item_rng(self.seed, self.split, item) if self.train and self.augment else None
         image = load_frames(
             [item["image"]], self.frame_size, augment=self.train and self.augment, rng=rng
         )
@@ -317,15 +316,10 @@ def load_mvsa_single(
     train for ``seed`` when the community split has none; ``max_items`` keeps the first
     items of each split file (quick runs).
     """
-    if root is None:
-        raise ValueError(
-            "dataset 'mvsa_single' needs dataset.options.root, the folder of a prepared copy; "
-            + prepare_hint("mvsa_single", "ROOT")
-        )
+    base = prepared_root(root, "mvsa_single")
     if frame_size < 8:
         raise ValueError(f"frame_size must be >= 8, got {frame_size}")
     check_loader_options(num_workers, max_items, max_text_bytes)
-    base = Path(root).expanduser()
     read_prepare_json(base, "mvsa_single")
     rows: dict[str, list[tuple[str, str | None]]] = {}
     for split in SPLITS:
