@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ def test_readme_table_matches_the_bench_summary():
 
 
 def test_bench_summary_matches_its_run_folders():
-    from equimodal.bench import paired_p_values
-    from equimodal.report import find_runs, load_metrics, summarize, summary_markdown
+    from equimodal.apps.bench import paired_p_values
+    from equimodal.apps.report import find_runs, load_metrics, summarize, summary_markdown
 
     root = ROOT / "results" / "readme"
     if not (root / "summary.md").is_file():
@@ -33,3 +34,22 @@ def test_bench_summary_matches_its_run_folders():
     )
     table = summary_markdown(rows)
     assert table.strip() in (root / "summary.md").read_text(encoding="utf-8")
+
+
+def test_committed_bench_file_is_the_one_the_readme_runs():
+    """results/readme/bench.yaml (the bench's copy of its file) is, byte for byte, the bench
+    file of the README's results command, and that command writes results/readme."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\n## Results\n" in readme, "README lost its Results section"
+    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"equimodal bench (configs/bench/\S+\.yaml)[^\n]*?--out (\S+)", section)
+    assert len(commands) == 1, f"want one `equimodal bench FILE ... --out DIR`, got {commands}"
+    config, out = commands[0]
+    assert out == "results/readme", f"README bench writes {out}; the tests read results/readme"
+    copy = ROOT / out / "bench.yaml"
+    if not (ROOT / out / "summary.md").is_file():
+        pytest.skip(f"{out} is not in this checkout")
+    assert copy.is_file(), f"{out}/bench.yaml is missing"
+    assert copy.read_bytes() == (ROOT / config).read_bytes(), (
+        f"{out}/bench.yaml differs from {config}: the committed runs are not from that file"
+    )
