@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from tests.av_fixtures import make_cremad_raw, make_kinetics_raw  # noqa: E402
 from tests.text_fixtures import make_iemocap_dialoguernn, make_mvsa_raw  # noqa: E402
 
-CLI = [sys.executable, "-c", "from equimodal.cli import main; main()"]
+CLI = [sys.executable, "-c", "from equimodal.apps.cli import main; main()"]
 
 
 def run_measured(args: list[str], env: dict[str, str]) -> tuple[float, float]:

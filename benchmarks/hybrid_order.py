@@ -26,7 +26,7 @@ from equimodal.balance.orders import all_orders
 from equimodal.config import build_config
 from equimodal.data.registry import load_dataset
 from equimodal.engine.trainer import Trainer, build_model
-from equimodal.evaluate import encode_split, predict_logits
+from equimodal.engine.validation import encode_split, predict_logits
 
 TARGET = 2.0
 

@@ -37,7 +37,7 @@ from equimodal.balance.shapley import required_coalitions, shapley_values
 from equimodal.config import build_config
 from equimodal.data.registry import load_dataset
 from equimodal.engine.trainer import Trainer
-from equimodal.evaluate import (
+from equimodal.engine.validation import (
     FeatureCache,
     class_prior,
     encode_split,

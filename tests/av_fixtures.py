@@ -1,7 +1,7 @@
 """Tiny audio-visual datasets written in the real raw layouts (CREMA-D, Kinetics-Sounds).
 
 Audio is a class-dependent tone plus noise (wav via soundfile), frames are class-coloured
-jpgs (pillow), videos are made by the ffmpeg that ``equimodal.prepare.find_ffmpeg`` finds
+jpgs (pillow), videos are made by the ffmpeg that ``equimodal.data.frames.find_ffmpeg`` finds
 (imageio-ffmpeg ships one), so the prepare steps run on real files.
 """
 
@@ -44,7 +44,7 @@ def write_jpg(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (
 
 def make_video(path: Path, seconds: float = 2.0, audio: bool = False, size: str = "64x48"):
     """A short test-pattern video (flv1 for ``.flv``, H.264 otherwise), optionally with sound."""
-    from equimodal.prepare import find_ffmpeg
+    from equimodal.data.frames import find_ffmpeg
 
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [find_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]

@@ -12,17 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
+from equimodal.data.audio import fix_length, log_mel_fbank, log_stft, read_wav
 from equimodal.data.base import ModalitySpec
-from equimodal.data.media import (
-    fix_length,
-    list_frames,
-    load_frames,
-    log_mel_fbank,
-    log_stft,
-    read_wav,
-    sample_frame_indices,
-)
+from equimodal.data.frames import list_frames, load_frames, sample_frame_indices
 from equimodal.data.registry import load_dataset
 from equimodal.models.encoders import build_encoder
 from equimodal.models.resnet import ResNet18, load_resnet18_weights
@@ -53,7 +46,7 @@ def one_line(result) -> str:
 
 
 def has_ffmpeg() -> bool:
-    from equimodal.prepare import find_ffmpeg
+    from equimodal.data.frames import find_ffmpeg
 
     try:
         find_ffmpeg()
@@ -198,7 +191,7 @@ def test_frames_are_read_in_natural_sorted_order(tmp_path):
 
 @needs_ffmpeg
 def test_extract_frames_names_and_count(tmp_path):
-    from equimodal.data.media import extract_frames
+    from equimodal.data.frames import extract_frames
 
     make_video(tmp_path / "v.mp4", seconds=3.0)
     count = extract_frames(tmp_path / "v.mp4", tmp_path / "frames", fps=2, size=24)
@@ -505,7 +498,7 @@ def test_missing_ffmpeg_is_a_clear_error(tmp_path, monkeypatch):
     text = one_line(result)
     assert "ffmpeg is needed" in text and "pip install imageio-ffmpeg" in text
     assert not (tmp_path / "root").exists()  # stopped before writing anything
-    from equimodal.data.media import extract_frames
+    from equimodal.data.frames import extract_frames
 
     with pytest.raises(FileNotFoundError, match="ffmpeg"):
         extract_frames(next((tmp_path / "raw" / "VideoFlash").iterdir()), tmp_path / "f", 1, None)

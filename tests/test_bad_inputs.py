@@ -22,10 +22,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 from equimodal.config import ConfigError, build_config, load_yaml
+from equimodal.core.files import write_bytes_atomic, write_text_atomic
 from equimodal.engine.checkpoint import CheckpointError, read_checkpoint
-from equimodal.engine.files import write_bytes_atomic, write_text_atomic
 
 from .av_fixtures import CREMAD_CLASSES, class_color, write_jpg, write_wav
 from .conftest import small_overrides
@@ -270,11 +270,12 @@ needs_proc = pytest.mark.skipif(
 
 # --------------------------------------------------------------------------- the table
 def unknown_dataset(ctx: Ctx) -> Bad:
+    from equimodal.core.registry import UnknownNameError
     from equimodal.data.registry import load_dataset
 
     return Bad(
         ctx.train("--set", "dataset.name=mfet"),
-        KeyError,
+        UnknownNameError,  # a KeyError (and a ValueError) naming the closest name
         "unknown dataset 'mfet'; did you mean 'mfeat'?",
         lambda: load_dataset("mfet"),
     )
@@ -524,7 +525,7 @@ def negative_label(ctx: Ctx) -> Bad:
 
 
 def corrupt_jpg(ctx: Ctx) -> Bad:
-    from equimodal.data.media import load_frames
+    from equimodal.data.frames import load_frames
 
     def damage(root: Path, clips: list[str]) -> Path:
         path = root / "visual" / clips[0] / "frame_00001.jpg"
@@ -575,7 +576,7 @@ def modality_folder_missing(ctx: Ctx) -> Bad:
 
 
 def corrupt_wav(ctx: Ctx) -> Bad:
-    from equimodal.data.media import read_wav
+    from equimodal.data.audio import read_wav
 
     raw = ctx.tmp / "raw"
     clip = "1001_IEO_ANG_XX"

@@ -126,10 +126,9 @@ def test_shared_head_entropy_fusion_weights_confident_modalities():
     with torch.no_grad():
         fusion.head.weight.copy_(torch.eye(2))
         fusion.head.bias.zero_()
-    fusion.combine = "entropy"
     z = {"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 0.5]])}
     present = {"a": torch.tensor([True]), "b": torch.tensor([True])}
-    out = fusion(z, present).logits
+    out = fusion(z, present, combine="entropy").logits
 
     def entropy(logits):
         p = torch.softmax(logits, -1)
@@ -140,7 +139,7 @@ def test_shared_head_entropy_fusion_weights_confident_modalities():
     torch.testing.assert_close(out[0], weights[0] * z["a"][0] + weights[1] * z["b"][0])
     assert weights[0] > weights[1]  # the confident modality weighs more
     present["b"] = torch.tensor([False])
-    torch.testing.assert_close(fusion(z, present).logits, z["a"])  # absent: left out
+    torch.testing.assert_close(fusion(z, present, combine="entropy").logits, z["a"])  # absent
 
 
 def test_mla_trains_and_saves_its_projectors(small_config, tmp_path):
@@ -154,8 +153,9 @@ def test_mla_trains_and_saves_its_projectors(small_config, tmp_path):
 
 
 def test_calibration_restores_nll_after_one_modality_is_scaled_tenfold(small_config):
-    from equimodal.balance.decision import apply_calibration, decision_diagnostics, fit_calibration
-    from equimodal.evaluate import encode_split
+    from equimodal.apps.diagnose import model_decision_diagnostics as decision_diagnostics
+    from equimodal.balance.decision import apply_calibration, fit_calibration
+    from equimodal.engine.validation import encode_split
 
     result = Trainer(
         small_config("joint", epochs=4, extra=["model.fusion=concat"]), progress=False

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 
 from .conftest import small_overrides
 
@@ -92,7 +92,7 @@ def test_bad_bench_files(tmp_path, extra, message):
 
 
 def test_dataset_settings_reach_every_run_on_that_dataset(tmp_path):
-    from equimodal.bench import load_bench
+    from equimodal.apps.bench import load_bench
 
     path = bench_file(tmp_path)
     spec = yaml.safe_load(path.read_text())
@@ -121,7 +121,7 @@ def test_bench_resumes_a_killed_run_from_its_last_complete_epoch(tmp_path, monke
     """A run stopped after epoch 1 of 3 continues there and ends as an uninterrupted run."""
     import json
 
-    from equimodal.bench import execute, load_bench
+    from equimodal.apps.bench import execute, load_bench
     from equimodal.config import build_config
     from equimodal.engine import trainer as trainer_module
 

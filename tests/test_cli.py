@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 
 from .conftest import small_overrides
 

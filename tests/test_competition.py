@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from equimodal.apps.cli import app
 from equimodal.balance.competition import competition_strength, ridge_fit
-from equimodal.cli import app
 
 from .conftest import small_overrides
 

@@ -19,7 +19,7 @@ from equimodal.balance import (
     shapley_values,
 )
 from equimodal.data.base import ModalitySpec
-from equimodal.evaluate import FeatureCache, evaluate_cache, predict_coalition_logits
+from equimodal.engine.validation import FeatureCache, evaluate_cache, predict_coalition_logits
 from equimodal.models import MultimodalModel
 from equimodal.models.order_tree import build_order_tree, tree_states
 
@@ -260,7 +260,7 @@ def test_prefix_tree_refuses_bad_targets_and_training_mode():
 def test_cli_prints_standard_errors_next_to_sampled_values(tmp_path):
     from typer.testing import CliRunner
 
-    from equimodal.cli import app
+    from equimodal.apps.cli import app
 
     from .conftest import small_overrides
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 
 from .test_bench import bench_file
 

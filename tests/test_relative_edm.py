@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from equimodal import standalone
+from equimodal.analysis import fit_run, standalone
 from equimodal.balance import relative_edm
 from equimodal.engine.trainer import Trainer
 
@@ -14,7 +14,7 @@ from equimodal.engine.trainer import Trainer
 def test_relative_edm_in_metrics_and_cached(small_config, tmp_path, monkeypatch):
     monkeypatch.setattr(standalone, "_MEMORY_CACHE", {})
     config = small_config("joint", epochs=2, extra=["train.relative_edm=true"])
-    first = Trainer(config, run_dir=tmp_path / "a", progress=False).fit().metrics
+    first = fit_run(Trainer(config, run_dir=tmp_path / "a", progress=False)).metrics
     test = first["test"]
     ability = test["standalone_val_accuracy"]
     assert set(ability) == {"m0", "m1", "m2"}
@@ -34,11 +34,11 @@ def test_relative_edm_in_metrics_and_cached(small_config, tmp_path, monkeypatch)
     original = standalone.unimodal_config
     monkeypatch.setattr(standalone, "unimodal_config", lambda *a: calls.append(a) or original(*a))
     other = small_config("ogm_ge", epochs=2, extra=["train.relative_edm=true"])
-    second = Trainer(other, run_dir=tmp_path / "b", progress=False).fit().metrics
+    second = fit_run(Trainer(other, run_dir=tmp_path / "b", progress=False)).metrics
     assert calls == []
     assert second["test"]["standalone_val_accuracy"] == ability
 
 
 def test_relative_edm_can_be_switched_off(small_config):
-    metrics = Trainer(small_config("joint", epochs=1), progress=False).fit().metrics
+    metrics = fit_run(Trainer(small_config("joint", epochs=1), progress=False)).metrics
     assert "relative_edm" not in metrics["test"]

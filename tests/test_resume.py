@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 
 from .conftest import small_overrides
 
@@ -23,7 +23,7 @@ EPOCHS = 8
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from equimodal.cli import main; main()", *args]
+    return [sys.executable, "-c", "from equimodal.apps.cli import main; main()", *args]
 
 
 def overrides(strategy: str) -> list[str]:

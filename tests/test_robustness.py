@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 from equimodal.engine.trainer import Trainer
-from equimodal.robustness import drop_modalities, evaluate_robustness
+from equimodal.evaluation.robustness import drop_modalities, evaluate_robustness
 
 from .conftest import small_overrides
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 from equimodal.config import ConfigError, build_config, dump_config, load_yaml
 from equimodal.engine.checkpoint import CheckpointError, read_checkpoint
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from equimodal.cli import app
+from equimodal.apps.cli import app
 from equimodal.data.base import ModalitySpec
 from equimodal.data.iemocap import MODALITIES
 from equimodal.data.registry import load_dataset
+from equimodal.data.text import decode_bytes, decode_text, encode_text
 from equimodal.models.encoders import build_encoder
-from equimodal.models.text import decode_bytes, decode_text, encode_text, ngram_ids
+from equimodal.models.text import ngram_ids
 
 from .text_fixtures import (
     make_iemocap_dialoguernn,

@@ -148,7 +148,7 @@ def test_run_folder_files_and_checkpoint_round_trip(small_config, tmp_path):
     assert json.loads(lines[1])["order"] == ["m0", "m1", "m2"]
     assert not list(run.rglob("*.tmp"))
     _, model, strategy, data = load_run(run)
-    from equimodal.evaluate import class_prior, encode_split, evaluate_cache
+    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
 
     cache = encode_split(model, data.test)
     report = evaluate_cache(

@@ -1,5 +1,5 @@
 """``python -m equimodal`` runs the command line."""
 
-from equimodal.cli import main
+from equimodal.apps.cli import main
 
 main()

@@ -7,7 +7,6 @@ validated by the options model that the strategy registers.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +20,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from equimodal.core.registries import ENCODERS, FUSIONS, STRATEGIES
+from equimodal.core.validation import format_validation_error
 
 
 class ConfigError(ValueError):
@@ -56,12 +58,10 @@ class EncoderConfig(Section):
     def _check_options(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        from equimodal.models.encoders import get_encoder_kind
-
         kind = value.get("kind", "mlp")
         if not isinstance(kind, str):
             raise ValueError(f"kind must be a string, got {kind!r}")
-        entry = get_encoder_kind(kind)
+        entry = ENCODERS.get(kind)
         options = {k: v for k, v in value.items() if k != "kind"}
         try:
             checked = entry.options.model_validate(options)
@@ -77,7 +77,7 @@ class EncoderConfig(Section):
 
 
 class MemoryConfig(Section):
-    """Options of the cross-modal memory (METHODS §1.2); both alignments are our choice."""
+    """Options of the cross-modal memory; both alignments are our choice."""
 
     align_stat: bool = True
     align_learned: bool = True
@@ -93,10 +93,18 @@ class ModelConfig(Section):
     """Encoders, common width ``dim`` and fusion (default: the strategy's own)."""
 
     dim: int = Field(128, gt=0)
-    fusion: Literal["concat", "sum", "late", "shared", "memory"] | None = None
+    #: a registered fusion (``concat``, ``sum``, ``late``, ``shared``, ``memory``, plugins)
+    fusion: str | None = None
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, value: str | None) -> str | None:
+        if value is not None and value not in FUSIONS:
+            raise ValueError(FUSIONS.unknown_message(value))
+        return value
 
 
 class OptimConfig(Section):
@@ -175,9 +183,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _resolve_fusion(self) -> RunConfig:
-        from equimodal.strategies import get_strategy_class
-
-        cls = get_strategy_class(self.strategy.name)
+        cls = STRATEGIES.get(self.strategy.name)
         if self.model.fusion is None:
             self.model.fusion = cls.default_fusion
         if cls.fusions is not None and self.model.fusion not in cls.fusions:
@@ -193,63 +199,17 @@ class RunConfig(Section):
 
 
 def _strategy_config(value: dict[str, Any]) -> StrategyConfig:
-    from equimodal.strategies import get_strategy_class, strategy_names
-
     name = value.get("name")
     if not isinstance(name, str):
-        raise ValueError("needs a 'name' (one of: " + ", ".join(strategy_names()) + ")")
+        raise ValueError("needs a 'name' (one of: " + ", ".join(STRATEGIES.names()) + ")")
     try:
-        cls = get_strategy_class(name)
+        cls = STRATEGIES.get(name)
     except KeyError as err:
         raise ValueError(str(err.args[0])) from None
     try:
         return cls.config_class.model_validate(value)
     except ValidationError as err:
         raise ValueError(format_validation_error(err, cls.config_class)) from None
-
-
-# --------------------------------------------------------------------------- errors
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Valid keys of the section reached by following ``loc`` from ``model``."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        current = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
-    """The first error of ``err`` as one line: key path, problem, closest valid key."""
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    path = ".".join(str(p) for p in loc) or "<root>"
-    if first["type"] == "extra_forbidden":
-        valid = _fields_at(model, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(valid)
-        return f"unknown key {path!r}; {hint}"
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    extra = ""
-    if (
-        "input" in first
-        and first["type"] not in ("missing",)
-        and not isinstance(first["input"], dict)
-    ):
-        extra = f" (got {first['input']!r})"
-    return f"{msg}{extra}" if not loc else f"{path}: {msg}{extra}"
 
 
 # --------------------------------------------------------------------------- building

@@ -7,19 +7,14 @@ is fitted on data held out of training (equimodal uses the validation split) and
 test: with residual ``E`` and scatter ``B = N Cov(U_m)``,
 ``r_m = trace(pinv(B) E^T E) / d``. Near 0: ``Z`` still carries ``m``'s concept (little
 competition); near 1: fusion has lost it (``Z`` predicts ``U_m`` no better than its mean).
+
+This module is the math; :mod:`equimodal.analysis.competition` trains the unimodal
+models and feeds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from equimodal.config import RunConfig
-    from equimodal.data.base import MultimodalData
-    from equimodal.models.model import MultimodalModel
 
 RIDGE_ALPHA = 120.0
 
@@ -52,40 +47,3 @@ def competition_strength(
     centred = u - u.mean(0)
     scatter = centred.T @ centred
     return float(np.trace(np.linalg.pinv(scatter) @ (residual.T @ residual)) / u.shape[1])
-
-
-def fused_features(model: MultimodalModel, cache: Any, inference: Mapping[str, Any]) -> np.ndarray:
-    """The fusion's representation ``Z`` of every sample (the input of the head)."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        out = model.fuse(cache.z, cache.present, **dict(inference))
-    return out.fused.cpu().numpy()
-
-
-def measure_competition(
-    config: RunConfig,
-    model: MultimodalModel,
-    inference: Mapping[str, Any],
-    data: MultimodalData,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Competition strength of every modality of a trained run.
-
-    Trains one ``unimodal`` model per modality with the run's settings (its concept),
-    fits the ridge maps on validation and scores them on test.
-    """
-    from equimodal.engine.trainer import Trainer
-    from equimodal.evaluate import encode_split
-    from equimodal.standalone import unimodal_config
-
-    z_val = fused_features(model, encode_split(model, data.val), inference)
-    z_test = fused_features(model, encode_split(model, data.test), inference)
-    strength = {}
-    for m in data.modalities:
-        unimodal = Trainer(unimodal_config(config, m), data=data, progress=progress).fit().model
-        u_val = encode_split(unimodal, data.val).z[m].cpu().numpy()
-        u_test = encode_split(unimodal, data.test).z[m].cpu().numpy()
-        strength[m] = competition_strength(z_val, u_val, z_test, u_test)
-    return strength

@@ -37,6 +37,12 @@ class Calibration:
             "weight": self.weight.tolist(),
         }
 
+    def __call__(
+        self, logits: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The calibrated logits (:func:`apply_calibration`); a model's ``fuse`` calls this."""
+        return apply_calibration(logits, present, self)
+
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> Calibration:
         """Inverse of :meth:`to_dict`."""
@@ -92,20 +98,25 @@ def fit_calibration(
 
 
 def decision_diagnostics(
-    model: Any, cache: Any, modalities: tuple[str, ...] | None = None
+    features: Mapping[str, torch.Tensor],
+    logits: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    present: Mapping[str, torch.Tensor],
 ) -> dict[str, dict[str, Any]]:
-    """Decision-layer diagnostics of a model on cached features (``evaluate.FeatureCache``)."""
-    names = modalities or model.modalities
+    """Decision-layer diagnostics per modality from its features ``z_m``, its own logits,
+    the ``(C, d)`` decision weight that maps ``z_m`` to them, the labels and presence masks.
+
+    (A model gives them as ``model.unimodal_logits(z)`` and ``model.decision_weights()``.)
+    """
     with torch.no_grad():
-        unimodal = model.fusion.unimodal_logits({m: cache.z[m] for m in names})
-        weights = model.fusion.decision_weights()
-        labels = cache.labels
-        true = {m: unimodal[m].gather(1, labels[:, None]).squeeze(1) for m in names}
+        names = list(logits)
+        true = {m: logits[m].gather(1, labels[:, None]).squeeze(1) for m in names}
         total_true = sum(t.abs() for t in true.values()) + 1e-12
         out: dict[str, dict[str, Any]] = {}
         for m in names:
-            rows = cache.present[m]
-            z, logit = cache.z[m][rows], unimodal[m][rows]
+            rows = present[m]
+            z, logit = features[m][rows], logits[m][rows]
             y = labels[rows]
             pred = logit.argmax(1)
             per_class = {}

@@ -87,8 +87,9 @@ def _popcount(masks: np.ndarray, num_players: int) -> np.ndarray:
     return sizes
 
 
-def _size_weights(num_players: int) -> np.ndarray:
-    """``w[k] = k! (M-k-1)! / M! = 1 / (M * C(M-1, k))`` for ``k = 0 .. M-1``."""
+def shapley_weights(num_players: int) -> np.ndarray:
+    """The exact Shapley value's weight of a coalition of size ``k`` that a player joins:
+    ``w[k] = k! (M-k-1)! / M! = 1 / (M * C(M-1, k))`` for ``k = 0 .. M-1``."""
     return np.array(
         [1.0 / (num_players * math.comb(num_players - 1, k)) for k in range(num_players)]
     )
@@ -107,7 +108,7 @@ def exact_shapley_from_table(values: np.ndarray) -> ShapleyResult:
     masks = np.arange(size, dtype=np.int64)
     # weight |S|! (M-|S|-1)! / M! of each coalition S by its size; the grand coalition
     # (size M) never plays the role of S, so its weight is unused
-    by_size = np.append(_size_weights(num_players), 0.0)
+    by_size = np.append(shapley_weights(num_players), 0.0)
     coalition_weight = by_size[_popcount(masks, num_players)]
     phi = np.empty(num_players)
     for i in range(num_players):

@@ -1,7 +1,7 @@
 """Datasets, splits and batches."""
 
 from equimodal.data.base import DatasetInfo, FeatureSplit, ModalitySpec, MultimodalData
-from equimodal.data.batch import MultimodalBatch, collate_items
+from equimodal.data.batch import MultimodalBatch
 from equimodal.data.registry import dataset_names, get_entry, load_dataset, register_dataset
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "ModalitySpec",
     "MultimodalBatch",
     "MultimodalData",
-    "collate_items",
     "dataset_names",
     "get_entry",
     "load_dataset",

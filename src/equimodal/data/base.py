@@ -11,6 +11,12 @@ import torch
 from equimodal.data.batch import MultimodalBatch
 
 SPLIT_NAMES = ("train", "val", "test")
+#: ``ModalitySpec.kind`` of text: UTF-8 bytes, shape ``(max_text_bytes,)`` (see
+#: :mod:`equimodal.data.text`)
+TEXT_KIND = "text"
+#: ``ModalitySpec.kind`` of feature sequences: shape ``(T, d + 1)``, the last column 1.0 on
+#: real steps and 0.0 on padding (:mod:`equimodal.models.sequence`)
+SEQUENCE_KIND = "sequence"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class DatasetInfo:
 
     @property
     def modality_names(self) -> tuple[str, ...]:
+        """The modalities' names, in order."""
         return tuple(m.name for m in self.modalities)
 
 
@@ -133,16 +140,8 @@ class FeatureSplit:
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The modalities' names, in order."""
         return tuple(self.features)
-
-    def full_batch(self) -> MultimodalBatch:
-        """The whole split as one batch."""
-        return MultimodalBatch(
-            inputs=dict(self.features),
-            present=dict(self.present),
-            labels=self.labels,
-            indices=self.indices,
-        )
 
     def batches(
         self,
@@ -193,10 +192,12 @@ class MultimodalData:
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The dataset's modality names, in order."""
         return self.info.modality_names
 
     @property
     def num_classes(self) -> int:
+        """The number of classes."""
         return self.info.num_classes
 
     def split(self, name: str) -> FeatureSplit:
@@ -204,8 +205,3 @@ class MultimodalData:
         if name not in SPLIT_NAMES:
             raise KeyError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
         return getattr(self, name)
-
-    def majority_class(self) -> int:
-        """The most frequent class of the training split (ties: the smallest id)."""
-        counts = torch.bincount(self.train.labels, minlength=self.num_classes)
-        return int(torch.argmax(counts))

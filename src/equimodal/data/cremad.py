@@ -32,34 +32,33 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from equimodal.data.audio import fix_length, log_stft, read_wav, resample, stft_frames
 from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
-from equimodal.data.media import (
+from equimodal.data.frames import (
     VIDEO_SUFFIXES,
-    build_av_data,
-    check_options,
     copy_frames,
     extract_frames,
-    failure_notes,
+    find_ffmpeg,
     find_frame_folder,
-    find_source,
-    fix_length,
     list_frames,
-    log_stft,
+)
+from equimodal.data.loaders import build_av_data, prepared_root
+from equimodal.data.prepare import (
+    PrepareSummary,
+    check_options,
+    failure_notes,
+    find_source,
     npy_shape,
     prepare_hint,
-    prepared_root,
     read_prepare_json,
-    read_wav,
+    register_preparer,
     remove_partials,
-    resample,
     run_items,
     save_npy,
-    stft_frames,
     write_prepare_json,
     write_text_file,
 )
 from equimodal.data.registry import register_dataset
-from equimodal.prepare import PrepareSummary, find_ffmpeg, register_preparer
 
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE's class ids 0..5
 SPLIT_FILES = {"train": "train.csv", "test": "test.csv"}

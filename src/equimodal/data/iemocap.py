@@ -59,26 +59,31 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
+from equimodal.data.base import (
+    SEQUENCE_KIND,
+    TEXT_KIND,
+    DatasetInfo,
+    ModalitySpec,
+    MultimodalData,
+)
 from equimodal.data.items import ItemSplit
-from equimodal.data.media import (
+from equimodal.data.loaders import (
+    check_loader_options,
+    hold_out_validation,
+    missing_files_error,
+    prepared_root,
+)
+from equimodal.data.prepare import (
+    PrepareSummary,
+    atomic_output,
     check_options,
     npy_shape,
-    prepared_root,
     read_prepare_json,
+    register_preparer,
     write_prepare_json,
 )
-from equimodal.data.mvsa import check_loader_options, hold_out_validation, missing_files_error
 from equimodal.data.registry import register_dataset
-from equimodal.models.sequence import SEQUENCE_KIND
-from equimodal.models.text import (
-    DEFAULT_MAX_TEXT_BYTES,
-    TEXT_KIND,
-    clean_text,
-    decode_bytes,
-    encode_text,
-)
-from equimodal.prepare import PrepareSummary, atomic_output, register_preparer
+from equimodal.data.text import DEFAULT_MAX_TEXT_BYTES, clean_text, decode_bytes, encode_text
 
 CLASSES_4 = ("neu", "hap", "sad", "ang")  # MulT's order; hap = happy + excited
 CLASSES_6 = ("hap", "sad", "neu", "ang", "exc", "fru")  # DialogueRNN's label ids 0..5

@@ -38,34 +38,34 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from equimodal.data.audio import extract_audio, log_mel_fbank, read_wav, resample
 from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
-from equimodal.data.media import (
+from equimodal.data.frames import (
     VIDEO_SUFFIXES,
-    build_av_data,
-    check_options,
     copy_frames,
-    extract_audio,
     extract_frames,
-    failure_notes,
+    find_ffmpeg,
     find_frame_folder,
+    list_frames,
+)
+from equimodal.data.loaders import build_av_data, prepared_root
+from equimodal.data.prepare import (
+    PrepareSummary,
+    check_options,
+    failure_notes,
     find_source,
     folder_list,
-    list_frames,
-    log_mel_fbank,
     npy_shape,
     prepare_hint,
-    prepared_root,
     read_prepare_json,
-    read_wav,
+    register_preparer,
     remove_partials,
-    resample,
     run_items,
     save_npy,
     write_prepare_json,
     write_text_file,
 )
 from equimodal.data.registry import register_dataset
-from equimodal.prepare import PrepareSummary, find_ffmpeg, register_preparer
 
 SPLIT_FILES = {"train": "train.txt", "test": "test.txt"}
 SPLIT_CANDIDATES = {

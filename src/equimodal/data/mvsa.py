@@ -28,7 +28,7 @@ of disagreements is reported). Without split files, ``prepare`` writes a seeded 
 80/10/10 split (``split_seed``, ``val_fraction``, ``test_fraction``).
 
 **Text encoding.** MVSA's text files are not all valid UTF-8: each is decoded as UTF-8,
-else Windows-1252, else Latin-1 (:func:`equimodal.models.text.decode_bytes`), stored
+else Windows-1252, else Latin-1 (:func:`equimodal.data.text.decode_bytes`), stored
 re-encoded as UTF-8, and the number of fallbacks is reported.
 """
 
@@ -44,30 +44,31 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
+from equimodal.data.base import TEXT_KIND, DatasetInfo, ModalitySpec, MultimodalData
+from equimodal.data.frames import load_frames
 from equimodal.data.items import ItemSplit
-from equimodal.data.media import (
+from equimodal.data.loaders import (
+    check_loader_options,
+    hold_out_validation,
+    item_rng,
+    missing_files_error,
+    prepared_root,
+    reader_split,
+)
+from equimodal.data.prepare import (
+    PrepareSummary,
+    atomic_output,
     check_options,
     failure_notes,
-    item_rng,
-    load_frames,
     prepare_hint,
-    prepared_root,
     read_prepare_json,
-    reader_split,
+    register_preparer,
     run_items,
     write_prepare_json,
     write_text_file,
 )
 from equimodal.data.registry import register_dataset
-from equimodal.models.text import (
-    DEFAULT_MAX_TEXT_BYTES,
-    TEXT_KIND,
-    decode_bytes,
-    encode_text,
-    read_text_file,
-)
-from equimodal.prepare import PrepareSummary, atomic_output, register_preparer
+from equimodal.data.text import DEFAULT_MAX_TEXT_BYTES, decode_bytes, encode_text, read_text_file
 
 CLASSES = ("negative", "neutral", "positive")  # MLA's sorted class list: ids 0, 1, 2
 SPLITS = ("train", "val", "test")
@@ -224,54 +225,7 @@ def stratified_split(
     }
 
 
-# --------------------------------------------------------------------------- loader helpers
-def missing_files_error(dataset: str, root: Path, missing: list[str]) -> FileNotFoundError:
-    """The one error for a prepared folder with missing files: the first one and the count."""
-    return FileNotFoundError(
-        f"{len(missing)} files of dataset {dataset!r} are missing under {str(root)!r}; "
-        f"first: {missing[0]}; {prepare_hint(dataset, root)} (finished items are skipped)"
-    )
-
-
-def hold_out_validation(
-    dataset: str,
-    train_rows: np.ndarray,
-    y: np.ndarray,
-    val_fraction: float,
-    seed: int,
-    quick: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, val)`` rows: a stratified ``val_fraction`` of ``train_rows`` for ``seed``.
-
-    With ``quick`` (a few items, e.g. ``max_items``) a class too small to stratify falls
-    back to a seeded random hold-out instead of an error.
-    """
-    from equimodal.data.splits import stratified_holdout
-
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    try:
-        return stratified_holdout(train_rows, y, val_fraction, seed)
-    except ValueError as err:
-        if not quick:
-            raise ValueError(
-                f"dataset {dataset!r}: cannot hold out a stratified validation split ({err})"
-            ) from None
-    order = np.random.default_rng(seed).permutation(train_rows)
-    n_val = max(1, int(round(val_fraction * len(order))))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def check_loader_options(num_workers: int, max_items: int | None, max_text_bytes: int) -> None:
-    """One-line errors for the loader options shared by the text datasets."""
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if max_items is not None and max_items < 1:
-        raise ValueError(f"max_items must be >= 1 or null, got {max_items}")
-    if max_text_bytes < 1:
-        raise ValueError(f"max_text_bytes must be >= 1, got {max_text_bytes}")
-
-
+# --------------------------------------------------------------------------- loader
 class ImageTextReader:
     """Reads one MVSA item ``{"row", "image", "text"}``: the image as frames, the text bytes.
 
@@ -295,7 +249,6 @@ class ImageTextReader:
         return {"image": image, "text": torch.from_numpy(item["text"].copy())}
 
 
-# --------------------------------------------------------------------------- loader
 @register_dataset(INFO)
 def load_mvsa_single(
     *,

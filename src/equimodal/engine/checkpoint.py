@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from equimodal.engine.files import write_bytes_atomic
+from equimodal.core.files import write_bytes_atomic
 
 FORMAT = "equimodal-checkpoint"
 FORMAT_VERSION = 1

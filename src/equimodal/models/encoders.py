@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from equimodal.core.registries import ENCODERS
 from equimodal.data.base import ModalitySpec
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -83,43 +80,26 @@ class EncoderKind:
     description: str = ""
 
 
-_ENCODERS: dict[str, EncoderKind] = {}
-# modules that register more encoder kinds when imported (skipped while not written yet)
-_BUILTIN_MODULES = ("equimodal.models.resnet", "equimodal.models.text", "equimodal.models.sequence")
-
-
 def register_encoder(
     name: str, options: type[BaseModel], description: str = ""
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering ``build(spec, **options) -> nn.Module`` (with ``out_dim``)."""
 
     def decorate(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _ENCODERS[name] = EncoderKind(name, build, options, description)
+        ENCODERS.add(name, EncoderKind(name, build, options, description), replace=True)
         return build
 
     return decorate
 
 
-def _load_builtin() -> None:
-    for module in _BUILTIN_MODULES:
-        if module not in sys.modules and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
 def encoder_names() -> list[str]:
     """Names of the registered encoder kinds."""
-    _load_builtin()
-    return sorted(_ENCODERS)
+    return ENCODERS.names()
 
 
 def get_encoder_kind(name: str) -> EncoderKind:
     """The registered encoder ``name``; ValueError naming the closest kind otherwise."""
-    _load_builtin()
-    if name not in _ENCODERS:
-        close = difflib.get_close_matches(name, list(_ENCODERS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else "choose one of " + ", ".join(_ENCODERS)
-        raise ValueError(f"unknown encoder {name!r}; {hint}")
-    return _ENCODERS[name]
+    return ENCODERS.get(name)
 
 
 @register_encoder("mlp", MLPOptions, "multilayer perceptron over a flat feature vector")

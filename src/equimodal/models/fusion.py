@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from equimodal.core.registries import FUSIONS
 from equimodal.models.memory import CrossModalMemory
 
+#: the built-in fusions (``FUSIONS.names()`` lists plugins too)
 FUSION_NAMES = ("concat", "sum", "late", "shared", "memory")
 
 
@@ -40,9 +42,21 @@ def _mask(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 class Fusion(nn.Module):
-    """Base class: ``modalities`` fixes the index of each modality."""
+    """Base class: ``modalities`` fixes the index of each modality.
 
-    uses_order = False
+    A new fusion subclasses this, sets ``name``, implements :meth:`forward` and
+    :meth:`unimodal_logits`, and is registered with ``@FUSIONS.register()``. Its classifier
+    lives in :meth:`head_modules`; strategies reach it only through the model's public API.
+    """
+
+    #: the registry name (``model.fusion`` in configs)
+    name: ClassVar[str] = ""
+    #: one line for the CLI help
+    description: ClassVar[str] = ""
+    #: True when the result depends on the order the modalities are read in
+    uses_order: ClassVar[bool] = False
+    #: True when the constructor takes keyword options (from the config)
+    takes_options: ClassVar[bool] = False
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__()
@@ -69,7 +83,12 @@ class Fusion(nn.Module):
         head = self.head  # type: ignore[attr-defined]
         return {m: head.weight for m in self.modalities}
 
+    def head_modules(self, modality: str | None = None) -> list[nn.Module]:
+        """The linear classifier(s): all of them, or the one that reads ``modality``."""
+        return [self.head]  # type: ignore[attr-defined]
 
+
+@FUSIONS.register()
 class ConcatFusion(Fusion):
     """Concatenate ``z_m`` in dataset order and apply one linear head.
 
@@ -78,6 +97,9 @@ class ConcatFusion(Fusion):
     absent modalities (``train.missing_rate`` or incomplete data), so on complete data the
     model is exactly zero-filled concatenation.
     """
+
+    name = "concat"
+    description = "concatenate the features (learned fill for absent ones), one linear head"
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__(modalities, dim, num_classes)
@@ -111,8 +133,12 @@ class ConcatFusion(Fusion):
         return out
 
 
+@FUSIONS.register()
 class SumFusion(Fusion):
     """Sum the present ``z_m`` and apply one linear head."""
+
+    name = "sum"
+    description = "sum the present features, one linear head"
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__(modalities, dim, num_classes)
@@ -128,8 +154,12 @@ class SumFusion(Fusion):
         return {m: z[m] @ self.head.weight.T + share for m in self.modalities if m in z}
 
 
+@FUSIONS.register()
 class LateFusion(Fusion):
     """One linear head per modality; the logits are the mean of the present heads."""
+
+    name = "late"
+    description = "one linear head per modality, the mean of the present heads' logits"
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__(modalities, dim, num_classes)
@@ -153,25 +183,39 @@ class LateFusion(Fusion):
     def decision_weights(self):
         return {m: self.heads[m].weight for m in self.modalities}
 
+    def head_modules(self, modality: str | None = None) -> list[nn.Module]:
+        if modality is None:
+            return [self.heads[m] for m in self.modalities]
+        return [self.heads[modality]]
 
+
+@FUSIONS.register()
 class SharedHeadFusion(Fusion):
     """One linear head shared by all modalities; logits combine the present modalities'.
 
-    ``combine="mean"`` averages the present modalities' logits; ``"entropy"`` weights them
-    per sample by ``softmax(-entropy_m)``, i.e. ``exp(max_k e_k - e_m)`` normalised (MLA's
-    test-time fusion, Zhang et al. CVPR 2024).
+    ``combine="mean"`` (default) averages the present modalities' logits; ``"entropy"``
+    weights them per sample by ``softmax(-entropy_m)``, i.e. ``exp(max_k e_k - e_m)``
+    normalised (MLA's test-time fusion, Zhang et al. CVPR 2024). ``combine`` is an option of
+    the call (``model.fuse(..., fusion_kwargs={"combine": "entropy"})``), so a method sets
+    how its model predicts without changing the model.
     """
+
+    name = "shared"
+    description = "one head shared by every modality, logits combined per sample"
 
     def __init__(self, modalities: Sequence[str], dim: int, num_classes: int) -> None:
         super().__init__(modalities, dim, num_classes)
         self.head = nn.Linear(dim, num_classes)
-        self.combine = "mean"
 
-    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+    def forward(
+        self, z, present, orders=None, weights=None, align_loss=False, combine: str = "mean"
+    ) -> FusionOutput:
+        if combine not in ("mean", "entropy"):
+            raise ValueError(f"fusion 'shared': combine is 'mean' or 'entropy', got {combine!r}")
         used = [m for m in self.modalities if m in z]
         logits = torch.stack([self.head(z[m]) for m in used], dim=1)  # (B, M, C)
         mask = torch.stack([present[m] for m in used], dim=1)  # (B, M)
-        if self.combine == "entropy":
+        if combine == "entropy":
             logp = torch.log_softmax(logits, dim=-1)
             entropy = -(logp.exp() * logp).sum(-1)
             score = (-entropy).masked_fill(~mask, float("-inf"))
@@ -185,6 +229,7 @@ class SharedHeadFusion(Fusion):
         return {m: self.head(z[m]) for m in self.modalities if m in z}
 
 
+@FUSIONS.register()
 class MemoryFusion(Fusion):
     """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state.
 
@@ -192,6 +237,10 @@ class MemoryFusion(Fusion):
     orders stacked on the batch axis for small inputs, the prefix tree of
     :mod:`equimodal.models.order_tree` from ``tree_min_work`` rows x orders x width on.
     """
+
+    name = "memory"
+    takes_options = True
+    description = "cross-modal memory chain read in an order, one linear head on its state"
 
     uses_order = True
 
@@ -283,16 +332,8 @@ class MemoryFusion(Fusion):
 def build_fusion(
     name: str, modalities: Sequence[str], dim: int, num_classes: int, **options: object
 ) -> Fusion:
-    """Build fusion ``name``; options go to the fusion (only ``memory`` takes any)."""
-    classes = {
-        "concat": ConcatFusion,
-        "sum": SumFusion,
-        "late": LateFusion,
-        "shared": SharedHeadFusion,
-        "memory": MemoryFusion,
-    }
-    if name not in classes:
-        raise ValueError(f"unknown fusion {name!r}; choose one of {', '.join(FUSION_NAMES)}")
-    if options and name != "memory":
+    """Build the registered fusion ``name``; ``options`` go to its constructor."""
+    cls = FUSIONS.get(name)
+    if options and not cls.takes_options:
         raise ValueError(f"fusion {name!r} takes no options, got {sorted(options)}")
-    return classes[name](modalities, dim, num_classes, **options)  # type: ignore[arg-type]
+    return cls(modalities, dim, num_classes, **options)

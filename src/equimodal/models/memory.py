@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equimodal.engine.distributed import ShardContext, current_shard
+from equimodal.core.shard import ShardContext, current_shard
 
 
 @dataclass

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from equimodal.balance.decision import Calibration, apply_calibration
 from equimodal.data.base import ModalitySpec
 from equimodal.data.batch import MultimodalBatch
 from equimodal.models.encoders import build_encoder
 from equimodal.models.fusion import Fusion, FusionOutput, build_fusion
+
+#: a calibrated decision rule: ``(per-modality logits, present masks) -> logits``
+#: (``equimodal.balance.decision.Calibration`` is one)
+Calibration = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -65,7 +69,17 @@ class Projection(nn.Module):
 
 
 class MultimodalModel(nn.Module):
-    """Encoders, projections and a fusion; runs on any subset and any order of modalities."""
+    """Encoders, projections and a fusion; runs on any subset and any order of modalities.
+
+    **Public API for training methods.** A strategy reads and changes the model only through
+    these: :meth:`encode_modality` / :meth:`encode` (features ``z_m``), :meth:`fuse` (logits
+    of any subset and order, with call-time ``fusion_kwargs``), :meth:`unimodal_logits` /
+    :meth:`modality_logits` (one modality's own logits), :meth:`modality_parameters` and
+    :meth:`modality_modules` (one modality's encoder and projection, optionally with its own
+    head), :meth:`head_parameters` / :meth:`head_weight` (the classifier), and
+    :meth:`fusion_parameters` (everything after the projections). The attributes
+    ``encoders``, ``projections`` and ``fusion`` are internals.
+    """
 
     def __init__(
         self,
@@ -100,9 +114,51 @@ class MultimodalModel(nn.Module):
             fusion, self.modalities, dim, num_classes, **dict(fusion_options or {})
         )
 
-    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
-        """Parameters of the encoder and projection of one modality."""
-        return [*self.encoders[modality].parameters(), *self.projections[modality].parameters()]
+    # ------------------------------------------------------------------ parts
+    def modality_modules(self, modality: str, with_head: bool = False) -> list[nn.Module]:
+        """The encoder and projection of one modality; ``with_head`` adds the classifier
+        that reads it (its own head in ``late`` fusion, the shared head otherwise)."""
+        self._check([modality])
+        modules: list[nn.Module] = [self.encoders[modality], self.projections[modality]]
+        if with_head:
+            modules.extend(self.fusion.head_modules(modality))
+        return modules
+
+    def modality_parameters(self, modality: str, with_head: bool = False) -> list[nn.Parameter]:
+        """Parameters of :meth:`modality_modules` (encoder and projection, optionally head)."""
+        return [
+            p for module in self.modality_modules(modality, with_head) for p in module.parameters()
+        ]
+
+    def head_parameters(self, modality: str | None = None) -> list[nn.Parameter]:
+        """Parameters of the linear classifier(s): all, or the one that reads ``modality``."""
+        return [p for module in self.fusion.head_modules(modality) for p in module.parameters()]
+
+    def head_weight(self, modality: str | None = None) -> nn.Parameter:
+        """The ``(C, d)`` weight of the classifier that reads ``modality`` (or of the only one)."""
+        heads = self.fusion.head_modules(modality)
+        if len(heads) != 1 or not isinstance(getattr(heads[0], "weight", None), nn.Parameter):
+            raise ValueError(
+                f"fusion {self.fusion_name!r} has {len(heads)} classifiers; name a modality"
+            )
+        return heads[0].weight
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """Every parameter after the projections: the fusion (memory, fills) and its head."""
+        return list(self.fusion.parameters())
+
+    def decision_weights(self) -> dict[str, torch.Tensor]:
+        """Per modality, the ``(C, d)`` block of the classifier that maps ``z_m`` to logits."""
+        return self.fusion.decision_weights()
+
+    # ------------------------------------------------------------------ computing
+    def unimodal_logits(self, z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's own logits from its features ``z_m`` (as the fusion defines them)."""
+        return self.fusion.unimodal_logits(dict(z))
+
+    def modality_logits(self, modality: str, z: torch.Tensor) -> torch.Tensor:
+        """The logits of one modality's features ``z`` alone."""
+        return self.fusion.unimodal_logits({modality: z})[modality]
 
     def encode_modality(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """``z_m`` of one modality's input."""
@@ -124,12 +180,15 @@ class MultimodalModel(nn.Module):
         weights: Sequence[float] | None = None,
         align_loss: bool = False,
         calibration: Calibration | None = None,
+        fusion_kwargs: Mapping[str, Any] | None = None,
     ) -> FusionOutput:
         """Fuse precomputed features, reading only ``modalities`` (all by default).
 
         For an order-dependent fusion, ``orders`` (over all or some modalities) are
         restricted to ``modalities`` and the state is averaged over them. With a
-        ``calibration`` the logits are the calibrated sum of the modalities' own logits.
+        ``calibration`` the logits are the calibrated decision of the modalities' own
+        logits. ``fusion_kwargs`` are options of the fusion's call (``combine`` of the
+        ``shared`` fusion).
         """
         names = self._check(
             modalities if modalities is not None else [m for m in self.modalities if m in z]
@@ -139,7 +198,7 @@ class MultimodalModel(nn.Module):
         zs = {m: z[m] for m in names}
         ps = {m: present[m] for m in names}
         if calibration is not None:
-            logits = apply_calibration(self.fusion.unimodal_logits(zs), ps, calibration)
+            logits = calibration(self.fusion.unimodal_logits(zs), ps)
             return FusionOutput(logits=logits, fused=logits, aux_losses=[])
         if self.fusion.uses_order:
             if orders is None:
@@ -148,7 +207,14 @@ class MultimodalModel(nn.Module):
                 orders, weights = induce_orders(orders, names, weights)
                 if len(orders) == 1:
                     weights = None
-        return self.fusion(zs, ps, orders=orders, weights=weights, align_loss=align_loss)
+        return self.fusion(
+            zs,
+            ps,
+            orders=orders,
+            weights=weights,
+            align_loss=align_loss,
+            **dict(fusion_kwargs or {}),
+        )
 
     @torch.no_grad()
     def fuse_coalitions(
@@ -160,6 +226,7 @@ class MultimodalModel(nn.Module):
         weights: Sequence[float] | None = None,
         calibration: Calibration | None = None,
         max_rows: int = 4096,
+        fusion_kwargs: Mapping[str, Any] | None = None,
     ) -> list[torch.Tensor]:
         """Logits ``(B, C)`` of each coalition, as :meth:`fuse` gives them, in one pass.
 
@@ -201,6 +268,7 @@ class MultimodalModel(nn.Module):
                     orders=orders,
                     weights=weights,
                     calibration=calibration,
+                    fusion_kwargs=fusion_kwargs,
                 ).logits
         return out
 

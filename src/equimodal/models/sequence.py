@@ -30,10 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from equimodal.data.base import ModalitySpec
+from equimodal.data.base import SEQUENCE_KIND, ModalitySpec
 from equimodal.models.encoders import register_encoder
-
-SEQUENCE_KIND = "sequence"
 
 
 def to_sequence(features: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from equimodal.balance.shapley import shapley_weights
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy
+from equimodal.strategies.base import Strategy, register_strategy
 
 
 class AGMConfig(StrategyConfig):
@@ -60,6 +61,7 @@ def response_coefficients(
     return {k: math.exp(alpha * min(r_ref[k] - r[k], clip)) for k in names}
 
 
+@register_strategy
 class AGMStrategy(Strategy):
     """Joint training with Shapley-response gradient modulation; see the module doc."""
 
@@ -97,11 +99,11 @@ class AGMStrategy(Strategy):
         model.train(was_training)
         outputs[full] = model.fuse(z, present).logits
         outputs[0] = torch.zeros_like(outputs[full])
-        weight = [1.0 / (size * math.comb(size - 1, k)) for k in range(size)]
+        weight = shapley_weights(size)  # w(|S|) of the exact Shapley value
         phi = {}
         for i, m in enumerate(names):
             terms = [
-                weight[bin(s).count("1")] * (outputs[s | 1 << i] - outputs[s])
+                float(weight[bin(s).count("1")]) * (outputs[s | 1 << i] - outputs[s])
                 for s in range(1 << size)
                 if not s >> i & 1
             ]
@@ -122,7 +124,7 @@ class AGMStrategy(Strategy):
         self.batches += 1
         total = sum(scale_gradient(phi[m], kappa[m]) for m in phi)
         loss = F.cross_entropy(total, batch.labels)
-        head = [p for p in ctx.model.fusion.parameters() if p.requires_grad]
+        head = [p for p in ctx.model.fusion_parameters() if p.requires_grad]
 
         def clip_when_head_gradient_is_large() -> None:
             if any(p.grad is not None and bool((p.grad.abs() > 1).any()) for p in head):

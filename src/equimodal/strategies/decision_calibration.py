@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from equimodal.balance.decision import Calibration, fit_calibration
+from equimodal.strategies.base import register_strategy
 from equimodal.strategies.joint import JointConfig, JointStrategy
 
 if TYPE_CHECKING:
-    from equimodal.evaluate import FeatureCache
+    from equimodal.engine.validation import FeatureCache
 
 
 class DecisionCalibrationConfig(JointConfig):
@@ -29,6 +30,7 @@ class DecisionCalibrationConfig(JointConfig):
     steps: int = Field(100, gt=0, description="L-BFGS iterations of the calibration fit")
 
 
+@register_strategy
 class DecisionCalibrationStrategy(JointStrategy):
     """Joint training whose decision layer is recalibrated on validation; see module doc."""
 
@@ -47,7 +49,7 @@ class DecisionCalibrationStrategy(JointStrategy):
 
         model = self.context.model
         with torch.no_grad():
-            logits = model.fusion.unimodal_logits(cache.z)
+            logits = model.unimodal_logits(cache.z)
         self.calibration = fit_calibration(logits, cache.labels, steps=self.config.steps)
 
     def inference_kwargs(self) -> dict[str, Any]:

@@ -8,7 +8,12 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy, mean_or_zero
+from equimodal.strategies.base import (
+    Strategy,
+    masked_cross_entropy,
+    mean_or_zero,
+    register_strategy,
+)
 
 
 class JointConfig(StrategyConfig):
@@ -20,6 +25,7 @@ class JointConfig(StrategyConfig):
     )
 
 
+@register_strategy
 class JointStrategy(Strategy):
     """Standard joint training: ``CE(fused logits, y)`` (+ the memory's alignment loss)."""
 

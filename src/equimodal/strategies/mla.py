@@ -25,7 +25,12 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, TrainContext, masked_cross_entropy
+from equimodal.strategies.base import (
+    Strategy,
+    TrainContext,
+    masked_cross_entropy,
+    register_strategy,
+)
 
 
 class MLAConfig(StrategyConfig):
@@ -37,6 +42,7 @@ class MLAConfig(StrategyConfig):
     test_fusion: Literal["entropy", "mean"] = "entropy"
 
 
+@register_strategy
 class MLAStrategy(Strategy):
     """Alternating unimodal steps on a shared head with gradient projection; see module doc."""
 
@@ -54,10 +60,13 @@ class MLAStrategy(Strategy):
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         dim = ctx.model.dim
-        device = ctx.model.fusion.head.weight.device
+        device = ctx.model.head_weight().device
         if not self.projectors:
             self.projectors = {m: torch.eye(dim, device=device) for m in ctx.modalities}
-        ctx.model.fusion.combine = self.config.test_fusion
+
+    def inference_kwargs(self) -> dict[str, Any]:
+        """Test-time fusion of the shared head's per-modality logits (entropy or mean)."""
+        return {"fusion_kwargs": {"combine": self.config.test_fusion}}
 
     def remember(self, modality: str, features: torch.Tensor) -> None:
         """Add the batch-mean feature of ``modality`` to every other modality's projector."""
@@ -70,7 +79,7 @@ class MLAStrategy(Strategy):
 
     def training_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
-        head = ctx.model.fusion.head
+        weight = ctx.model.head_weight()
         logs: dict[str, float] = {}
         losses = []
         for m in ctx.modalities:
@@ -78,11 +87,11 @@ class MLAStrategy(Strategy):
             if not ctx.global_any(rows):
                 continue
             z = ctx.model.encode_modality(m, batch.inputs[m])
-            loss = masked_cross_entropy(head(z), batch.labels, rows)
+            loss = masked_cross_entropy(ctx.model.modality_logits(m, z), batch.labels, rows)
 
             def project(m: str = m) -> None:
-                if self.config.projection and head.weight.grad is not None:
-                    head.weight.grad.copy_(head.weight.grad @ self.projectors[m].T)
+                if self.config.projection and weight.grad is not None:
+                    weight.grad.copy_(weight.grad @ self.projectors[m].T)
 
             ctx.optimizer_step(loss, project)
             if self.config.projection:
@@ -97,7 +106,7 @@ class MLAStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("projectors"):
-            device = self.context.model.fusion.head.weight.device if self.ctx else "cpu"
+            device = self.context.model.head_weight().device if self.ctx else "cpu"
             self.projectors = {
                 m: torch.tensor(p, device=device) for m, p in state["projectors"].items()
             }

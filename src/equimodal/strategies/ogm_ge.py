@@ -21,7 +21,7 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy
+from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
 
 
 class OGMGEConfig(StrategyConfig):
@@ -48,6 +48,7 @@ def modulation_coefficients(
     return ratios, coefficients
 
 
+@register_strategy
 class OGMGEStrategy(Strategy):
     """Joint training whose dominant modality's encoder gradients are damped (OGM-GE)."""
 

@@ -31,10 +31,10 @@ from equimodal.balance.edm import edm
 from equimodal.balance.orders import hybrid_order_set, order_from_scores
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy
+from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
 
 if TYPE_CHECKING:
-    from equimodal.evaluate import FeatureCache, SplitReport
+    from equimodal.engine.validation import FeatureCache, SplitReport
 
 
 class ShapleyAlternatingConfig(StrategyConfig):
@@ -50,6 +50,7 @@ class ShapleyAlternatingConfig(StrategyConfig):
     align_weight: float = Field(0.1, ge=0.0)
 
 
+@register_strategy
 class ShapleyAlternatingStrategy(Strategy):
     """The primary method of equimodal; see the module docstring."""
 
@@ -70,8 +71,8 @@ class ShapleyAlternatingStrategy(Strategy):
         self._rng = np.random.default_rng(0)
 
     @property
-    def value_kind(self) -> str:
-        """The coalition value the scheduler ranks by."""
+    def schedule_value(self) -> str:
+        """The coalition value the scheduler ranks by (``value``)."""
         return self.config.value
 
     def setup(self, ctx) -> None:
@@ -156,7 +157,7 @@ class ShapleyAlternatingStrategy(Strategy):
     def prepare_inference(self, cache: FeatureCache) -> None:
         if self.config.inference != "best_val_order":
             return
-        from equimodal.evaluate import predict_logits
+        from equimodal.engine.validation import predict_logits
 
         best, best_acc = None, -1.0
         for order in self.candidate_orders():

@@ -35,10 +35,15 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, TrainContext, masked_cross_entropy
+from equimodal.strategies.base import (
+    Strategy,
+    TrainContext,
+    masked_cross_entropy,
+    register_strategy,
+)
 
 if TYPE_CHECKING:
-    from equimodal.evaluate import FeatureCache, SplitReport
+    from equimodal.engine.validation import FeatureCache, SplitReport
 
 
 class UDIConfig(StrategyConfig):
@@ -83,6 +88,7 @@ def choose_anchor(accuracy: dict[str, float], entropy: dict[str, float]) -> str:
     return min(accuracy, key=lambda m: (-accuracy[m], entropy[m]))
 
 
+@register_strategy
 class UDIStrategy(Strategy):
     """Anchor first, then followers guided by it; see the module doc."""
 
@@ -122,12 +128,7 @@ class UDIStrategy(Strategy):
 
     def anchor_modules(self, modality: str) -> list[torch.nn.Module]:
         """The encoder, projection and head that make up one modality's own predictor."""
-        model = self.context.model
-        return [
-            model.encoders[modality],
-            model.projections[modality],
-            model.fusion.heads[modality],
-        ]
+        return self.context.model.modality_modules(modality, with_head=True)
 
     def _freeze(self, modality: str) -> None:
         for module in self.anchor_modules(modality):
@@ -141,7 +142,7 @@ class UDIStrategy(Strategy):
     def _stage0_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
         z = ctx.model.encode(batch)
-        logits = ctx.model.fusion.unimodal_logits(z)
+        logits = ctx.model.unimodal_logits(z)
         # separate parameters per modality: the summed loss trains each one alone
         losses = {m: masked_cross_entropy(logits[m], batch.labels, batch.present[m]) for m in z}
         ctx.optimizer_step(torch.stack(list(losses.values())).sum())
@@ -158,7 +159,7 @@ class UDIStrategy(Strategy):
             module.eval()  # a frozen teacher: no dropout noise in its targets
         with torch.no_grad():
             z_anchor = model.encode_modality(anchor, batch.inputs[anchor])
-            logits_anchor = model.fusion.heads[anchor](z_anchor)
+            logits_anchor = model.modality_logits(anchor, z_anchor)
         total = z_anchor.new_zeros(())
         logs: dict[str, float] = {}
         followers = [m for m in ctx.modalities if m != anchor]
@@ -167,7 +168,7 @@ class UDIStrategy(Strategy):
             if not bool(rows.any()):
                 continue
             z_m = model.encode_modality(m, batch.inputs[m])
-            logits_m = model.fusion.heads[m](z_m)
+            logits_m = model.modality_logits(m, z_m)
             ce = masked_cross_entropy(logits_m, batch.labels, rows)
             both = rows & batch.present[anchor]
             if bool(both.any()):
@@ -212,7 +213,7 @@ class UDIStrategy(Strategy):
         """Measure every modality's stand-alone validation accuracy and mean entropy."""
         model = self.context.model
         with torch.no_grad():
-            logits = model.fusion.unimodal_logits(cache.z)
+            logits = model.unimodal_logits(cache.z)
         self.standalone_accuracy, self.standalone_entropy = {}, {}
         for m, lg in logits.items():
             rows = cache.present[m]

@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, TrainContext, masked_cross_entropy
+from equimodal.strategies.base import (
+    Strategy,
+    TrainContext,
+    masked_cross_entropy,
+    register_strategy,
+)
 
 
 class UnimodalConfig(StrategyConfig):
@@ -21,10 +26,12 @@ class UnimodalConfig(StrategyConfig):
     modality: str
 
 
+@register_strategy
 class UnimodalStrategy(Strategy):
     """One modality alone: ``CE(g(z_m), y)``."""
 
     name = "unimodal"
+    measures_relative_edm = False
     config_class = UnimodalConfig
     default_fusion = "concat"
     supports_distributed = True

@@ -93,7 +93,7 @@ def train(
     ] = None,
     fusion: Annotated[
         str | None,
-        typer.Option(help="concat, sum, late, shared or memory (default: the method's)."),
+        typer.Option(help="Fusion (see `equimodal fusions`; default: the method's)."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
     seed: Annotated[
@@ -128,6 +128,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a model; with no options, `shapley_alternating` on mfeat (tmc split)."""
+    from equimodal.analysis.relative_edm import fit_run
     from equimodal.data.registry import load_dataset
     from equimodal.engine.trainer import Trainer, build_model, remove_run_dir
 
@@ -181,7 +182,7 @@ def train(
     from equimodal.engine.distributed import is_main_process
 
     if not is_main_process():  # torchrun: the other ranks train their shards, write nothing
-        Trainer(cfg, data=data, run_dir=None, progress=False).fit()
+        fit_run(Trainer(cfg, data=data, run_dir=None, progress=False))
         return
     run_dir = _unique_dir(out_dir, cfg.run_name())
     new_parents = _missing_folders(out_dir)  # removed again if the run fails
@@ -196,7 +197,7 @@ def train(
         highlight=False,
     )
     try:
-        result = Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err).fit()
+        result = fit_run(Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err))
     except KeyboardInterrupt:
         err.print(
             f"interrupted; the last complete epoch is in {run_dir}/checkpoints/last.safetensors; "
@@ -218,6 +219,7 @@ def train(
 
 def _resume_run(run_dir: Path, quiet: bool) -> None:
     """``train --resume``: continue ``run_dir`` from ``checkpoints/last.safetensors``."""
+    from equimodal.analysis.relative_edm import fit_run
     from equimodal.data.registry import load_dataset
     from equimodal.engine.distributed import is_main_process
     from equimodal.engine.trainer import Trainer
@@ -247,7 +249,7 @@ def _resume_run(run_dir: Path, quiet: bool) -> None:
         trainer = Trainer(
             cfg, data=data, run_dir=run_dir, progress=main and not quiet, console=err, resume=True
         )
-        result = trainer.fit()
+        result = fit_run(trainer)
     except KeyboardInterrupt:
         err.print(f"interrupted again; resume with: equimodal train --resume {run_dir}")
         raise typer.Exit(code=130) from None
@@ -261,7 +263,7 @@ def _resume_run(run_dir: Path, quiet: bool) -> None:
 
 def _draw_plots(run_dir: Path) -> None:
     """Learning curves, Shapley shares and EDM per epoch as PNGs in the run folder."""
-    from equimodal.report import plot_run
+    from equimodal.apps.report import plot_run
 
     try:
         plot_run(run_dir)
@@ -330,7 +332,7 @@ def evaluate(
 ) -> None:
     """Re-score a saved run on its test split, optionally reading only some modalities."""
     from equimodal.engine.trainer import load_run
-    from equimodal.evaluate import class_prior, encode_split, evaluate_cache
+    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
 
     if checkpoint not in ("best", "last"):
         _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")
@@ -374,7 +376,11 @@ def evaluate(
     )
     out.print(table)
     if robustness:
-        from equimodal.robustness import evaluate_robustness, robustness_markdown, write_robustness
+        from equimodal.evaluation.robustness import (
+            evaluate_robustness,
+            robustness_markdown,
+            write_robustness,
+        )
 
         if draws < 1:
             _fail(f"--draws must be at least 1, got {draws}")
@@ -385,7 +391,7 @@ def evaluate(
         for p in write_robustness(result, run_dir / "robustness"):
             err.print(f"wrote {p}", highlight=False)
     if competition:
-        from equimodal.balance.competition import measure_competition
+        from equimodal.analysis.competition import measure_competition
 
         strength = measure_competition(cfg, model, strategy.inference_kwargs(), data)
         table = Table(title="competition strength (0: the modality's concept survives fusion)")
@@ -413,7 +419,7 @@ def report(
     Methods are (strategy, fusion), or the bench labels in a folder written by
     `equimodal bench`.
     """
-    from equimodal.report import (
+    from equimodal.apps.report import (
         find_runs,
         is_bench_dir,
         load_metrics,
@@ -437,7 +443,7 @@ def report(
     if markdown:
         err.print(f"wrote {write_report(path)}", highlight=False)
     if out_file is not None:
-        from equimodal.engine.files import write_text_atomic
+        from equimodal.core.files import write_text_atomic
 
         write_text_atomic(out_file, summary_csv(rows) if out_file.suffix == ".csv" else text)
     if plots:
@@ -467,7 +473,7 @@ def bench(
     """Run a grid of runs (resumable) and write summary.md and summary.csv."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from equimodal.bench import (
+    from equimodal.apps.bench import (
         add_robustness,
         bench_wants_robustness,
         execute,
@@ -475,8 +481,8 @@ def bench(
         paired_p_values,
         pending,
     )
-    from equimodal.engine.files import write_text_atomic
-    from equimodal.report import load_metrics, summarize, summary_csv, summary_markdown
+    from equimodal.apps.report import load_metrics, summarize, summary_csv, summary_markdown
+    from equimodal.core.files import write_text_atomic
 
     if jobs < 1:
         _fail(f"--jobs must be at least 1, got {jobs}")
@@ -486,7 +492,7 @@ def bench(
         _fail("--address needs --executor ray")
     try:
         if executor == "ray":
-            from equimodal.bench import require_ray
+            from equimodal.apps.bench import require_ray
 
             require_ray()
         runs, reference = load_bench(bench_file, out_dir)
@@ -534,7 +540,7 @@ def bench(
         text += f"\np: paired t-test over seeds of test accuracy against {reference!r}.\n"
     write_text_atomic(out_dir / "summary.md", text)
     write_text_atomic(out_dir / "summary.csv", summary_csv(rows))
-    from equimodal.report import write_report
+    from equimodal.apps.report import write_report
 
     err.print(f"wrote {write_report(out_dir, p_values, reference)}", highlight=False)
     out.print(text, highlight=False, markup=False)
@@ -554,7 +560,7 @@ def diagnose(
     """Which modality is lazy, and by how much: RUN/diagnose/report.html and report.md."""
     import time
 
-    from equimodal.diagnose import diagnose_run, write_diagnosis
+    from equimodal.apps.diagnose import diagnose_run, write_diagnosis
 
     if draws < 1:
         _fail(f"--draws must be at least 1, got {draws}")
@@ -591,7 +597,7 @@ def prepare(
     Safe to re-run: finished items are skipped and partial ones replaced.
     """
     from equimodal.config import parse_override
-    from equimodal.prepare import prepare_dataset
+    from equimodal.data.prepare import prepare_dataset
 
     options = {}
     try:
@@ -638,11 +644,45 @@ def strategies() -> None:
         table.add_column(col, overflow="fold")
     for name in strategy_names():
         cls = get_strategy_class(name)
-        opts = ", ".join(
-            f"{k}={f.default!r}" for k, f in cls.config_class.model_fields.items() if k != "name"
-        )
+        opts = _option_defaults(cls.config_class, skip=("name",))
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, cls.default_fusion, opts or "-", doc)
+    out.print(table)
+
+
+def _option_defaults(model, skip: tuple[str, ...] = ()) -> str:
+    """``key=default`` for each field of a pydantic options model (``key (required)``)."""
+    return ", ".join(
+        f"{k} (required)" if f.is_required() else f"{k}={f.default!r}"
+        for k, f in model.model_fields.items()
+        if k not in skip
+    )
+
+
+@app.command()
+def fusions() -> None:
+    """List the fusions (how modality features become logits), plugins included."""
+    from equimodal.core.registries import FUSIONS
+
+    table = Table(title="equimodal fusions")
+    for col in ("name", "order-dependent", "description"):
+        table.add_column(col, overflow="fold")
+    for name, cls in FUSIONS.items():
+        table.add_row(name, "yes" if cls.uses_order else "no", cls.description or "-")
+    out.print(table)
+
+
+@app.command()
+def encoders() -> None:
+    """List the encoder kinds and their options with defaults, plugins included."""
+    from equimodal.core.registries import ENCODERS
+
+    table = Table(title="equimodal encoders", show_lines=True)
+    for col in ("kind", "options (default)", "description"):
+        table.add_column(col, overflow="fold")
+    for name, entry in ENCODERS.items():
+        opts = _option_defaults(entry.options)
+        table.add_row(name, opts or "-", entry.description or "-")
     out.print(table)
 
 

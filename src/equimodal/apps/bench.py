@@ -141,6 +141,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
     """Train one run into ``run_dir`` (in a worker process); returns the folder."""
     import torch
 
+    from equimodal.analysis.relative_edm import fit_run
     from equimodal.engine.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -151,7 +152,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
         shutil.rmtree(path)  # a killed run that had not finished an epoch, or another config
     path.mkdir(parents=True, exist_ok=True)
     try:
-        Trainer(cfg, run_dir=path, progress=False, resume=resume).fit()
+        fit_run(Trainer(cfg, run_dir=path, progress=False, resume=resume))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -178,7 +179,7 @@ def bench_wants_robustness(path: str | Path) -> bool:
 def add_robustness(runs: list[BenchRun], draws: int = 5) -> int:
     """Score each finished run without ``robustness/robustness.json``; returns how many."""
     from equimodal.engine.trainer import load_run
-    from equimodal.robustness import evaluate_robustness, write_robustness
+    from equimodal.evaluation.robustness import evaluate_robustness, write_robustness
 
     done = 0
     for run in runs:
@@ -268,7 +269,7 @@ def _read_files(folder: Path) -> dict[str, bytes]:
 
 
 def _write_files(folder: Path, files: dict[str, bytes], last: str | None = None) -> None:
-    from equimodal.engine.files import write_bytes_atomic
+    from equimodal.core.files import write_bytes_atomic
 
     names = sorted(files, key=lambda n: n == last)  # ``last`` after every other file
     for name in names:

@@ -99,13 +99,23 @@ def plain_summary(d: Diagnosis) -> list[str]:
     return out
 
 
+def model_decision_diagnostics(model: Any, cache: Any) -> dict[str, dict[str, Any]]:
+    """:func:`~equimodal.balance.decision.decision_diagnostics` of a model on cached features."""
+    from equimodal.balance.decision import decision_diagnostics
+
+    with torch.no_grad():
+        logits = model.unimodal_logits(cache.z)
+    return decision_diagnostics(
+        cache.z, logits, model.decision_weights(), cache.labels, cache.present
+    )
+
+
 def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5) -> Diagnosis:
     """Measure everything the diagnose report shows for a run's best checkpoint."""
-    from equimodal.balance.decision import decision_diagnostics
+    from equimodal.apps.report import load_metrics
     from equimodal.engine.trainer import load_run
-    from equimodal.evaluate import class_prior, encode_split, evaluate_cache
-    from equimodal.report import load_metrics
-    from equimodal.robustness import evaluate_robustness
+    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
+    from equimodal.evaluation.robustness import evaluate_robustness
 
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
@@ -139,13 +149,13 @@ def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5)
     decision: dict[str, dict[str, Any]] = {}
     # a fusion without per-modality logits has no decision layer to diagnose
     with contextlib.suppress(AttributeError, NotImplementedError):
-        decision = decision_diagnostics(model, caches["test"])
+        decision = model_decision_diagnostics(model, caches["test"])
     robustness = evaluate_robustness(
         model, data.test, inference, draws=draws, seed=cfg.seed
     ).to_dict()
     strength = None
     if competition:
-        from equimodal.balance.competition import measure_competition
+        from equimodal.analysis.competition import measure_competition
 
         strength = measure_competition(cfg, model, inference, data)
     d = Diagnosis(
@@ -172,7 +182,7 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from equimodal.robustness import RobustnessResult, plot_robustness
+    from equimodal.evaluation.robustness import RobustnessResult, plot_robustness
 
     figures = []
     names = d.modalities
@@ -371,7 +381,7 @@ def render_html(d: Diagnosis, figures: list[tuple[str, Path]]) -> str:
 
 def write_diagnosis(d: Diagnosis, out_dir: str | Path) -> dict[str, Path]:
     """Write report.md, report.html, diagnosis.json and the PNGs into ``out_dir``."""
-    from equimodal.engine.files import write_text_atomic
+    from equimodal.core.files import write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

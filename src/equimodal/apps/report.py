@@ -331,7 +331,7 @@ def write_report(
 ) -> Path:
     """Render ``report.md`` (summary table and plots under ``figures/``) for a run folder,
     a folder of runs, or a bench folder; returns the report's path."""
-    from equimodal.engine.files import write_text_atomic
+    from equimodal.core.files import write_text_atomic
 
     root = Path(path)
     runs = find_runs(root)
@@ -342,7 +342,7 @@ def write_report(
     if by_run_name and p_values is None:
         import yaml
 
-        from equimodal.bench import paired_p_values
+        from equimodal.apps.bench import paired_p_values
 
         reference = (yaml.safe_load((root / "bench.yaml").read_text()) or {}).get("reference")
         p_values = paired_p_values(metrics, reference) if reference else None

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from equimodal.evaluate import FeatureCache, encode_split, predict_logits
+from equimodal.data.missing import drop_modalities
+from equimodal.engine.validation import FeatureCache, encode_split, predict_logits
 from equimodal.models.model import MultimodalModel
 
 ETAS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -73,26 +74,6 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
             f1_score(labels.cpu().numpy(), pred.cpu().numpy(), average="macro", zero_division=0)
         ),
     }
-
-
-def drop_modalities(
-    present: Mapping[str, torch.Tensor], eta: float, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Present masks with each present (sample, modality) dropped with probability ``eta``;
-    a sample left with none keeps one of its present modalities, chosen at random."""
-    if not 0.0 <= eta < 1.0:
-        raise ValueError(f"missing rate must be in [0, 1), got {eta}")
-    names = list(present)
-    before = torch.stack([present[m].cpu() for m in names], 1)  # (N, M)
-    drop = torch.rand(before.shape, generator=generator) < eta
-    after = before & ~drop
-    lost = ~after.any(1) & before.any(1)
-    if bool(lost.any()):
-        scores = torch.rand(before.shape, generator=generator) * before  # only present ones
-        keep = scores[lost].argmax(1)
-        after[lost.nonzero(as_tuple=True)[0], keep] = True
-    device = present[names[0]].device
-    return {m: after[:, i].to(device) for i, m in enumerate(names)}
 
 
 def _noisy_cache(
@@ -301,7 +282,7 @@ def plot_robustness(result: RobustnessResult, path: str | Path) -> Path:
 
 def write_robustness(result: RobustnessResult, out_dir: str | Path) -> list[Path]:
     """Write robustness.md, .csv, .json and .png into ``out_dir``; returns the paths."""
-    from equimodal.engine.files import write_json_atomic, write_text_atomic
+    from equimodal.core.files import write_json_atomic, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

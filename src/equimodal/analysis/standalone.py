@@ -1,4 +1,4 @@
-"""Stand-alone ability of each modality, for relative EDM (METHODS §1.6).
+"""Stand-alone ability of each modality, for relative EDM.
 
 The ability of modality ``m`` is the validation accuracy of a ``unimodal`` model of ``m``
 trained with the run's own encoder, optimizer and budget. It depends on the dataset, its
@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from equimodal.config import RunConfig, build_config
+from equimodal.core.files import write_json_atomic
 from equimodal.data.base import MultimodalData
-from equimodal.engine.files import write_json_atomic
+from equimodal.engine.trainer import Trainer
+from equimodal.strategies.unimodal import UnimodalStrategy
 
 _MEMORY_CACHE: dict[str, dict[str, float]] = {}
 
@@ -39,8 +41,8 @@ def standalone_key(config: RunConfig) -> str:
 def unimodal_config(config: RunConfig, modality: str) -> RunConfig:
     """The config of the unimodal run of ``modality`` that matches ``config``."""
     tree: dict[str, Any] = config.model_dump(mode="json")
-    tree["strategy"] = {"name": "unimodal", "modality": modality}
-    tree["model"]["fusion"] = "concat"
+    tree["strategy"] = {"name": UnimodalStrategy.name, "modality": modality}
+    tree["model"]["fusion"] = UnimodalStrategy.default_fusion
     tree["name"] = None
     tree["train"]["relative_edm"] = False
     return build_config(tree)
@@ -76,8 +78,6 @@ def standalone_accuracies(
     ``read_cache`` False trains even when a cached value exists (multi-process training
     decides on rank 0 whether to read it); the result is still written to ``cache_dir``.
     """
-    from equimodal.engine.trainer import Trainer
-
     key = standalone_key(config)
     path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if read_cache:

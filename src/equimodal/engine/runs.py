@@ -1,0 +1,50 @@
+"""Run folders: rebuild a saved run (config, data, model, strategy), remove a failed one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from equimodal.config import RunConfig, build_config, load_yaml
+from equimodal.data.base import MultimodalData
+from equimodal.data.registry import load_dataset
+from equimodal.engine.build import build_model
+from equimodal.engine.checkpoint import load_model_state, read_checkpoint
+from equimodal.engine.strategy import Strategy, TrainContext, build_strategy
+from equimodal.models.model import MultimodalModel
+
+
+def load_run(
+    run_dir: str | Path, which: str = "best"
+) -> tuple[RunConfig, MultimodalModel, Strategy, MultimodalData]:
+    """Rebuild a saved run: its config, data (same seed and splits), model and strategy."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    config = build_config(load_yaml(run_dir / "config.yaml"))
+    data = load_dataset(config.dataset.name, seed=config.seed, **config.dataset.options)
+    model = build_model(config, data.info)
+    path = run_dir / "checkpoints" / f"{which}.safetensors"
+    state, meta, _ = read_checkpoint(path)
+    load_model_state(model, state, str(path))
+    strategy = build_strategy(config.strategy)
+    strategy.setup(
+        TrainContext(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            modalities=data.info.modality_names,
+            num_classes=data.info.num_classes,
+            seed=config.seed,
+        )
+    )
+    strategy.load_state_dict(meta.get("strategy_state", {}))
+    model.eval()
+    return config, model, strategy, data
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run folder that was created by this process and holds no finished run."""
+    if run_dir.exists() and not (run_dir / "metrics.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
