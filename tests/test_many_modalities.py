@@ -32,8 +32,8 @@ def memory_model(m: int, dim: int = 12, seed: int = 0, **memory) -> MultimodalMo
     mem = model.fusion.memory
     with torch.no_grad():
         if mem.align_learned:
-            mem.map_weight.normal_(0, 0.2)
-            mem.map_bias.normal_(0, 0.2)
+            weight, bias = (torch.empty_like(t).normal_(0, 0.2) for t in mem.packed_maps())
+            mem.load_packed_maps(weight, bias)
         mem.corr_ema.add_(0.1 * torch.randn_like(mem.corr_ema))
         model.fusion.head.weight.mul_(4.0)
     return model.eval()

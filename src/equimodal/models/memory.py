@@ -19,18 +19,43 @@ several orders at once (orders stacked on the batch axis).
 Our choices (METHODS marks them), each a constructor option:
 
 * ``C`` is computed on each training batch without gradient and kept as an exponential
-  moving average (identity before any training). ``train_stat="ema"`` (default) has
-  training read the moving average, updated with the batch first; ``"batch"`` reads the
-  batch statistic itself. On synthetic data the batch statistic jittered from batch to
-  batch and joint training through the memory learned markedly slower (0.90 against 0.97
-  validation accuracy after 8 epochs);
+  moving average (momentum ``stat_momentum``, 0.9; identity before any training), which
+  evaluation reads. Which statistic *training* reads is ``train_stat``: ``"ema"``
+  (default) the moving average, updated with the batch first; ``"batch"`` the batch
+  statistic itself. On synthetic data the batch statistic jittered from batch to batch and
+  joint training through the memory learned markedly slower (0.90 against 0.97 validation
+  accuracy after 8 epochs);
 * ``align_stat`` / ``align_learned`` switch ``C`` and ``A`` off;
 * initialisation: gate biases ``gate_bias`` (1.0: gates start mostly open) and an identity
   candidate map (``candidate_init="identity"``). With PyTorch's default initialisation
   each step attenuates what earlier modalities carried about tenfold.
 
+Two guarantees the memory gives whatever calls it:
+
+* **One moving-average update per pair per training batch.** A strategy may run the chain
+  several times on one batch (``shapley_alternating`` runs it over every prefix
+  ``pi_1..pi_k`` of the batch's order, reusing the detached features of the modalities
+  already read; several orders in one call read a pair at several steps). Each run
+  computes the pair's batch statistic from the same features, hence the same statistic;
+  the memory keeps, per pair, the statistic it last folded into the moving average
+  (``corr_last``) and folds a statistic only when it differs from that one. The moving
+  average of pair ``(i, j)`` thus moves once per batch, with momentum ``stat_momentum``
+  per batch as documented (``stat_updates`` counts the moves). What identifies "the
+  batch" is its features: a strategy that re-encoded the same samples (a new dropout
+  draw) and ran the chain again would present a new statistic and move it again.
+* **No movement without gradient.** The learned map of each pair is its own parameter
+  (``pair_weight[i * M + j]``, ``pair_bias[i * M + j]``), used only where the pair is
+  read, so a training step whose chains never read a pair leaves that pair's gradient
+  ``None``, and torch's optimizers (AdamW loop, ``foreach`` and ``fused`` alike, SGD) skip
+  it: no momentum step, no weight decay. The prefix tree reads each pair's parameters
+  (:meth:`CrossModalMemory.learned_map`); the stacked-orders path stacks the maps of its
+  order blocks on the fly. The state dict keeps the packed layout (``map_weight``
+  ``(M, M, d, d)``, ``map_bias`` ``(M, M, d)``, :meth:`CrossModalMemory.packed_maps`), so
+  checkpoints written before and after per-pair parameters are one format.
+
 Under torchrun (a shard of the global batch on each rank) the training statistic ``C``,
-the InfoNCE loss and every "enough rows?" decision are those of the global batch.
+the InfoNCE loss and every "enough rows?" decision are those of the global batch; the
+statistic is the same on every rank, so is the decision to fold it.
 """
 
 from __future__ import annotations
@@ -117,16 +142,115 @@ class CrossModalMemory(nn.Module):
                 self.candidate.bias.zero_()
         m = num_modalities
         if align_learned:
-            # A_ij(h) = h @ map_weight[i, j] + map_bias[i, j]; zero start = no learned shift.
-            self.map_weight = nn.Parameter(torch.zeros(m, m, dim, dim))
-            self.map_bias = nn.Parameter(torch.zeros(m, m, dim))
+            # A_ij(h) = h @ pair_weight[i * m + j] + pair_bias[i * m + j]; zero start = no
+            # learned shift. One parameter per pair: a step that reads no (i, j) leaves its
+            # gradient None, and the optimizer skips it (see the module docstring).
+            self.pair_weight = nn.ParameterList(
+                [nn.Parameter(torch.zeros(dim, dim)) for _ in range(m * m)]
+            )
+            self.pair_bias = nn.ParameterList(
+                [nn.Parameter(torch.zeros(dim)) for _ in range(m * m)]
+            )
         eye = torch.eye(dim).expand(m, m, dim, dim).clone()
         self.register_buffer("corr_ema", eye)
+        # the statistic each pair last folded into corr_ema (NaN: none yet; NaN equals
+        # nothing) and how often each pair's moving average moved; neither is saved
+        self.register_buffer(
+            "corr_last", torch.full((m, m, dim, dim), float("nan")), persistent=False
+        )
+        self.register_buffer("stat_updates", torch.zeros(m, m, dtype=torch.long), persistent=False)
+        self._register_state_dict_hook(_pack_pair_maps)
+
+    # ----------------------------------------------------------------- learned maps
+    def learned_map(self, i: int, j: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """The weight ``(d, d)`` and bias ``(d,)`` of ``A_ij`` (memory read ``i``, now ``j``)."""
+        if not self.align_learned:
+            raise ValueError("this memory has no learned map (align_learned=False)")
+        p = i * self.num_modalities + j
+        return self.pair_weight[p], self.pair_bias[p]
+
+    def packed_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every ``A_ij`` stacked: weights ``(M, M, d, d)`` and biases ``(M, M, d)``.
+
+        A new tensor (``torch.stack``, differentiable), not a view of the parameters:
+        writing into it changes nothing; :meth:`load_packed_maps` writes.
+        """
+        if not self.align_learned:
+            raise ValueError("this memory has no learned map (align_learned=False)")
+        m, d = self.num_modalities, self.dim
+        weight = torch.stack(list(self.pair_weight)).view(m, m, d, d)
+        bias = torch.stack(list(self.pair_bias)).view(m, m, d)
+        return weight, bias
+
+    @torch.no_grad()
+    def load_packed_maps(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Copy packed maps (:meth:`packed_maps`' layout) into the per-pair parameters."""
+        m, d = self.num_modalities, self.dim
+        if tuple(weight.shape) != (m, m, d, d) or tuple(bias.shape) != (m, m, d):
+            raise ValueError(
+                f"packed maps need shapes {(m, m, d, d)} and {(m, m, d)}, got "
+                f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        for p, (w, b) in enumerate(zip(self.pair_weight, self.pair_bias, strict=True)):
+            w.copy_(weight.reshape(m * m, d, d)[p])
+            b.copy_(bias.reshape(m * m, d)[p])
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ) -> None:
+        """Accept the packed layout of the learned maps (``map_weight``, ``map_bias``: what
+        :meth:`state_dict` writes, and what every checkpoint before per-pair parameters
+        holds) by splitting it into the per-pair keys before the parameters load."""
+        m, d = self.num_modalities, self.dim
+        if self.align_learned:
+            for name, child, shape in (
+                ("map_weight", "pair_weight", (m, m, d, d)),
+                ("map_bias", "pair_bias", (m, m, d)),
+            ):
+                key = prefix + name
+                if key not in state_dict:
+                    continue
+                packed = state_dict.pop(key)
+                if tuple(packed.shape) != shape:
+                    error_msgs.append(
+                        f"size mismatch for {key}: copying a param with shape "
+                        f"{tuple(packed.shape)}, the memory needs {shape}"
+                    )
+                    continue
+                flat = packed.reshape(m * m, *shape[2:])
+                for p in range(m * m):
+                    state_dict[f"{prefix}{child}.{p}"] = flat[p]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ----------------------------------------------------------------- alignment
     def _shard(self) -> ShardContext | None:
         """The shard of a global batch being trained on (torchrun), else None."""
         return current_shard() if self.training else None
+
+    @torch.no_grad()
+    def _fold_statistic(self, i: int, j: int, corr: torch.Tensor) -> None:
+        """Fold pair ``(i, j)``'s batch statistic into its moving average, once per batch.
+
+        A statistic equal to the one this pair folded last comes from the same features
+        (the chain run again on the same batch: another prefix, another order): it was
+        folded already and is not folded again.
+        """
+        last = self.corr_last[i, j]
+        if torch.equal(corr.to(last.dtype), last):  # compared in the buffer's dtype
+            return
+        ema = self.corr_ema[i, j]
+        ema.mul_(self.stat_momentum).add_(corr, alpha=1.0 - self.stat_momentum)
+        last.copy_(corr)
+        self.stat_updates[i, j] += 1
 
     def _pair_matrix(
         self, i: int, j: int, z: torch.Tensor, present: torch.Tensor
@@ -143,17 +267,15 @@ class CrossModalMemory(nn.Module):
                 elif self.training and int(both.sum()) >= 2:
                     corr = batch_cross_correlation(z[both, i].detach(), z[both, j].detach())
                 if corr is not None:
-                    ema = self.corr_ema[i, j]
-                    ema.mul_(self.stat_momentum).add_(corr, alpha=1.0 - self.stat_momentum)
+                    self._fold_statistic(i, j, corr)
             if corr is not None:
                 matrix = corr if self.train_stat == "batch" else self.corr_ema[i, j].clone()
             else:
                 matrix = self.corr_ema[i, j]
         bias = None
         if self.align_learned:
-            learned = self.map_weight[i, j]
+            learned, bias = self.learned_map(i, j)
             matrix = learned if matrix is None else matrix + learned
-            bias = self.map_bias[i, j]
         return matrix, bias
 
     def _align(
@@ -190,21 +312,32 @@ class CrossModalMemory(nn.Module):
         return out
 
     def _align_blocks(
-        self, h: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, block: int
+        self,
+        h: torch.Tensor,
+        prev: torch.Tensor,
+        cur: torch.Tensor,
+        block: int,
+        pairs: list[int],
+        maps: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
     ) -> torch.Tensor:
-        """Evaluation fast path: one pair per order block, all blocks in one batched matmul."""
+        """Evaluation fast path: one pair per order block, all blocks in one batched matmul.
+
+        ``pairs``: each block's pair ``i * M + j`` (the same as ``prev``, ``cur``);
+        ``maps``: the per-pair learned weights and biases, whose blocks' maps are stacked
+        here (as many matrices as indexing a packed tensor would copy).
+        """
         if not (self.align_stat or self.align_learned):
             return h
         d = self.dim
         matrix = None
         if self.align_stat:
             matrix = self.corr_ema[prev, cur]
-        if self.align_learned:
-            learned = self.map_weight[prev, cur]
+        if maps is not None:
+            learned = torch.stack([maps[0][p] for p in pairs])
             matrix = learned if matrix is None else matrix + learned
         out = torch.bmm(h.view(-1, block, d), matrix)
-        if self.align_learned:
-            out = out + self.map_bias[prev, cur].unsqueeze(1)
+        if maps is not None:
+            out = out + torch.stack([maps[1][p] for p in pairs]).unsqueeze(1)
         return out.reshape(-1, d)
 
     def cell(self, x: torch.Tensor, h_aligned: torch.Tensor) -> torch.Tensor:
@@ -250,6 +383,15 @@ class CrossModalMemory(nn.Module):
             and num_orders > 1
             and bool(present.index_select(1, torch.unique(orders)).all())
         )
+        order_list: list[list[int]] = orders.tolist() if blocked else []
+        maps = None
+        if blocked and self.align_learned:
+            # the ParameterLists' own storage, in pair order: iterating a ParameterList
+            # looks each entry up by name (about 80 us at M = 8, per call)
+            maps = (
+                list(self.pair_weight._parameters.values()),
+                list(self.pair_bias._parameters.values()),
+            )
         for k in range(length):
             step_mod = orders[:, k]
             x = z.index_select(1, step_mod).transpose(0, 1).reshape(rows, d)
@@ -266,7 +408,10 @@ class CrossModalMemory(nn.Module):
                 proceed = bool(update.any())
             if proceed:
                 if blocked:
-                    h_aligned = self._align_blocks(h, orders[:, k - 1], step_mod, b)
+                    step_pairs = [o[k - 1] * m + o[k] for o in order_list]
+                    h_aligned = self._align_blocks(
+                        h, orders[:, k - 1], step_mod, b, step_pairs, maps
+                    )
                 else:
                     h_aligned = self._align(h, pair, update, z, present, pairs)
                 h_next = self.cell(x, h_aligned)
@@ -294,3 +439,23 @@ class CrossModalMemory(nn.Module):
             w = weights.to(h.dtype) / weights.sum()
             state = torch.einsum("o,obd->bd", w, h)
         return MemoryResult(state=state, align_losses=losses)
+
+
+def _pack_pair_maps(module: CrossModalMemory, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: the per-pair learned maps as the packed ``map_weight`` and
+    ``map_bias`` (the checkpoint layout before per-pair parameters, kept so that old and
+    new checkpoints load alike; :meth:`CrossModalMemory._load_from_state_dict` splits it)."""
+    if not module.align_learned:
+        return
+    m, d = module.num_modalities, module.dim
+    for name, child, shape in (
+        ("map_weight", "pair_weight", (m, m, d, d)),
+        ("map_bias", "pair_bias", (m, m, d)),
+    ):
+        parts = [state_dict.pop(f"{prefix}{child}.{p}") for p in range(m * m)]
+        state_dict[prefix + name] = torch.stack(parts).view(shape)
+    # the old order too (parameters, then buffers, then submodules): this module's other
+    # entries, the last ones written, go after the packed maps
+    packed = (prefix + "map_weight", prefix + "map_bias")
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in packed]:
+        state_dict[key] = state_dict.pop(key)

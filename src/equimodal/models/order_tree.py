@@ -163,12 +163,12 @@ def _pair_weights(
     memory: CrossModalMemory, i: int, j: int, shared: tuple[torch.Tensor, ...], fold: bool
 ) -> _PairWeights:
     matrix = None
+    bias = None
     if memory.align_stat:
         matrix = memory.corr_ema[i, j]
     if memory.align_learned:
-        learned = memory.map_weight[i, j]
+        learned, bias = memory.learned_map(i, j)  # the pair's own parameters, no copy
         matrix = learned if matrix is None else matrix + learned
-    bias = memory.map_bias[i, j] if memory.align_learned else None
     if not fold or matrix is None:
         return _PairWeights(blocks=shared, bias=None, align=matrix, align_bias=bias)
     blocks = tuple(matrix @ w for w in shared)

@@ -7,6 +7,10 @@ reuses the detached features of ``pi_1..pi_{k-1}`` from the earlier steps of the
 runs the memory chain over ``pi_1..pi_k`` and takes an optimizer step on
 ``CE(g(h_k), y) + align_weight * L_align``. With ``alternate_every: epoch`` (our choice
 of the other reading), a round of M epochs trains one modality per epoch, in the order.
+The M steps re-run the chain over the same pairs; the memory itself keeps that from
+counting twice (see :mod:`equimodal.models.memory`): the moving average of each pair's
+correlation statistic moves once per batch, and step k's optimizer update leaves the
+learned maps of the pairs its prefix does not read exactly as they were.
 
 After every epoch the trainer measures each modality's Shapley value on the validation
 split; the next order is ascending (weakest, "minor" modality first; ties by modality
