@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from equimodal.core.registries import STRATEGIES
 from equimodal.core.shard import ShardContext, _all_reduce, current_shard, sharded
-from equimodal.data.base import batch_order
+from equimodal.data.base import batch_order, count_batches
 from equimodal.data.missing import drop_modalities
 
 if TYPE_CHECKING:
@@ -242,6 +242,18 @@ class Distributed:
     def step(self, shard: ShardContext | None):
         """Context of one training step on ``shard`` (nothing on a single process)."""
         return sharded(shard) if shard is not None else contextlib.nullcontext()
+
+    def batches_per_epoch(self, n: int, batch_size: int, min_rows: int = 1) -> int:
+        """How many batches :meth:`train_batches` yields per epoch for ``n`` rows."""
+        count = count_batches(n, batch_size)
+        if (
+            self.active
+            and min_rows > 1
+            and count
+            and n - (count - 1) * batch_size < (min_rows * self.world)
+        ):
+            count -= 1  # the short last batch is skipped (batch norm on tiny shards)
+        return count
 
     def train_batches(
         self,

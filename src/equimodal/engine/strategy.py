@@ -34,6 +34,8 @@ class TrainContext:
     seed: int
     grad_clip: float | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
+    #: how many batches (training steps' calls) the loop gives each epoch (None: unknown)
+    batches_per_epoch: int | None = None
 
     def optimizer_step(
         self, loss: torch.Tensor, modify_gradients: Callable[[], None] | None = None
