@@ -12,6 +12,8 @@ from equimodal.engine.trainer import Trainer, build_model
 from equimodal.strategies import TrainContext, build_strategy
 from equimodal.strategies.ogm_ge import modulation_coefficients
 
+MODALITIES = ("m0", "m1", "m2")  # the synthetic data's, strongest first
+
 
 def setup_strategy(config):
     data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
@@ -98,25 +100,26 @@ def test_unimodal_unknown_modality_is_named(small_config):
         Trainer(config, progress=False).fit()
 
 
-def test_mla_projected_head_gradient_is_orthogonal_to_stored_features(small_config):
-    config = small_config(
-        "mla", extra=["strategy.projection_alpha=1e-6", "model.encoder.dropout=0"]
-    )
+def test_mla_projection_turns_the_head_gradient_away_from_the_current_feature(small_config):
+    # the official GSPlugin (tests/test_fidelity.py checks it number by number): the run's
+    # first unimodal step is left alone; every later one first removes the current
+    # modality's batch-mean feature r from the projector P, then uses grad P^T
+    config = small_config("mla", extra=["model.encoder.dropout=0"])
     data, model, strategy = setup_strategy(config)
     batch = next(data.train.batches(128))
     with torch.no_grad():
-        r = {m: model.encode_modality(m, batch.inputs[m]).mean(0) for m in data.modalities}
+        r = model.encode_modality("m2", batch.inputs["m2"]).mean(0)
     strategy.training_step(batch)  # lr 0: the encoders stay as they were
-    # the last step (m2) was projected with the directions of m0 and m1 of this batch
-    grad = model.fusion.head.weight.grad
-    for m in ("m0", "m1"):
-        assert (grad @ r[m]).norm() < 1e-4 * grad.norm() * r[m].norm()
-    # without projection the same gradient is far from orthogonal
+    projected = model.fusion.head.weight.grad  # the last step's (m2), after the projection
     config = small_config("mla", extra=["strategy.projection=false", "model.encoder.dropout=0"])
     data, model, strategy = setup_strategy(config)
     strategy.training_step(batch)
-    grad = model.fusion.head.weight.grad
-    assert (grad @ r["m0"]).norm() > 1e-2 * grad.norm() * r["m0"].norm()
+    plain = model.fusion.head.weight.grad
+
+    def alignment(grad):
+        return float((grad @ r).norm() / (grad.norm() * r.norm()))
+
+    assert alignment(projected) < 0.5 * alignment(plain)
 
 
 def test_shared_head_entropy_fusion_weights_confident_modalities():
@@ -142,14 +145,15 @@ def test_shared_head_entropy_fusion_weights_confident_modalities():
     torch.testing.assert_close(fusion(z, present, combine="entropy").logits, z["a"])  # absent
 
 
-def test_mla_trains_and_saves_its_projectors(small_config, tmp_path):
+def test_mla_trains_and_saves_its_projector(small_config, tmp_path):
     from equimodal.engine.trainer import load_run
 
     result = Trainer(small_config("mla", epochs=4), run_dir=tmp_path / "r", progress=False).fit()
     assert result.metrics["test"]["accuracy"] > 0.8
     _, _, strategy, _ = load_run(tmp_path / "r")
-    for m, p in strategy.projectors.items():
-        assert not torch.allclose(p, torch.eye(p.shape[0])), m
+    p = strategy.projector  # restored from the checkpoint, Frobenius norm 1
+    assert not torch.allclose(p, torch.eye(p.shape[0]))
+    assert float(torch.linalg.matrix_norm(p)) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_calibration_restores_nll_after_one_modality_is_scaled_tenfold(small_config):
@@ -183,14 +187,40 @@ def test_calibration_restores_nll_after_one_modality_is_scaled_tenfold(small_con
     assert torch.all(w > 0) and torch.allclose(w.sum(0), torch.full((4,), 3.0))
 
 
-def test_decision_calibration_strategy_fits_on_validation_only(small_config, tmp_path):
+def test_decision_calibration_strategy_fits_on_validation_only(small_config, tmp_path, monkeypatch):
     from equimodal.engine.trainer import load_run
+    from equimodal.strategies import decision_calibration
 
-    result = Trainer(
-        small_config("decision_calibration", epochs=3), run_dir=tmp_path / "r", progress=False
-    ).fit()
+    config = small_config("decision_calibration", epochs=3)
+    data = load_dataset(config.dataset.name, seed=config.seed, **config.dataset.options)
+    fitted = []  # (labels, calibration) of every fit
+
+    def recording_fit(logits, labels, **kwargs):
+        calibration = original(logits, labels, **kwargs)
+        fitted.append((labels.detach().cpu().clone(), calibration))
+        return calibration
+
+    original = decision_calibration.fit_calibration
+    monkeypatch.setattr(decision_calibration, "fit_calibration", recording_fit)
+
+    def split_of(labels):
+        """The split whose labels, row for row, these are (None: none of them)."""
+        for name in ("train", "val", "test"):
+            split = data.split(name).labels
+            if split.shape == labels.shape and torch.equal(split, labels):
+                return name
+        return None
+
+    # the check below tells the splits apart: a calibration fitted on test (or train)
+    # would be named so, and the assertion on every fit would fail
+    assert split_of(data.test.labels) == "test" and split_of(data.train.labels) == "train"
+    result = Trainer(config, data=data, run_dir=tmp_path / "r", progress=False).fit()
+    # before training, after each epoch, and the final validation pass; never test
+    assert len(fitted) >= config.train.epochs + 1
+    assert [split_of(labels) for labels, _ in fitted] == ["val"] * len(fitted)
+    # test is scored with the calibration of the selected model's final validation pass
+    assert result.metrics["inference"]["calibration"] == fitted[-1][1].to_dict()
     assert result.metrics["test"]["accuracy"] > 0.8
-    assert "calibration" in result.metrics["inference"]
     _, _, strategy, _ = load_run(tmp_path / "r")
     assert strategy.calibration is not None  # restored from the checkpoint
 
@@ -266,9 +296,10 @@ def test_udi_anchor_is_the_best_standalone_modality_and_stays_frozen(small_confi
     history = result.history
     stage0 = history[3]
     assert [r["stage"] for r in history[1:]] == [0, 0, 0, 1, 1, 1]
-    accuracy = stage0["standalone_val_accuracy"]
     anchor = stage0["anchor"]
-    assert accuracy[anchor] == max(accuracy.values())
+    # the best stand-alone accuracy over stage 0, modality by modality
+    best = {m: max(r["standalone_val_accuracy"][m] for r in history[1:4]) for m in MODALITIES}
+    assert best[anchor] == max(best.values())
     assert anchor == "m0"  # the synthetic data's strong modality
     before, after = snapshots[3], snapshots[6]
     for key in before:
@@ -279,6 +310,99 @@ def test_udi_anchor_is_the_best_standalone_modality_and_stays_frozen(small_confi
         assert torch.equal(before[key], after[key]) == frozen, key
     assert 0.0 < history[-1]["interaction_weight"] < 1.0
     assert result.metrics["test"]["accuracy"] > 0.8
+
+
+def predictor_keys(state: dict[str, torch.Tensor], modality: str) -> list[str]:
+    """The keys of ``modality``'s encoder, projection and own head in a late-fusion model."""
+    prefixes = (f"encoders.{modality}.", f"projections.{modality}.", f"fusion.heads.{modality}.")
+    return [k for k in state if k.startswith(prefixes)]
+
+
+@pytest.mark.parametrize("weights_in_state", [True, False])
+def test_udi_freezes_the_anchor_at_its_best_standalone_epoch(
+    small_config, monkeypatch, weights_in_state
+):
+    from equimodal.engine.callbacks import Callback
+    from equimodal.strategies import udi
+
+    if not weights_in_state:  # too large for checkpoints: kept in memory only
+        monkeypatch.setattr(udi, "STATE_WEIGHTS_LIMIT", 0)
+
+    # stage 0 lasts six epochs; m0's stand-alone accuracy peaks at epoch 4, not 6
+    config = small_config(
+        "udi",
+        epochs=7,
+        extra=["strategy.anchor_epochs=6", "optim.lr=0.05", "train.patience=null"],
+    )
+
+    def clone(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    class Snapshots(Callback):
+        def __init__(self):
+            self.validated = {}  # the weights each epoch was validated with
+            self.ended = {}  # the weights once the strategy has seen the epoch
+
+        def on_validation_end(self, trainer, state, report):
+            self.validated[state.epoch] = clone(trainer.model)
+
+        def on_epoch_end(self, trainer, state, row):
+            self.ended[state.epoch] = clone(trainer.model)
+            if state.epoch < 6:  # stage 0: every modality's best is in the state, or not
+                kept = state.strategy.state_dict()["best"]
+                assert set(kept) == set(MODALITIES)
+                assert all(("modules" in v) == weights_in_state for v in kept.values())
+            else:  # the anchor is frozen: no weights are kept any more
+                assert "best" not in state.strategy.state_dict()
+
+    snapshots = Snapshots()
+    result = Trainer(config, progress=False, callbacks=[snapshots]).fit()
+    history = result.history
+    assert [r["stage"] for r in history[1:]] == [0] * 6 + [1]
+    anchor = history[6]["anchor"]
+    accuracy = [r["standalone_val_accuracy"][anchor] for r in history[1:7]]
+    best_epoch = 1 + accuracy.index(max(accuracy))
+    assert accuracy.count(max(accuracy)) == 1 and best_epoch != 6  # what this test is about
+    assert history[6]["anchor_epoch"] == best_epoch
+    keys = predictor_keys(snapshots.ended[6], anchor)
+    assert keys
+    at_best, last = snapshots.validated[best_epoch], snapshots.validated[6]
+    assert any(not torch.equal(at_best[k], last[k]) for k in keys)
+    for frozen in (snapshots.ended[6], snapshots.ended[7]):  # restored, then frozen
+        for k in keys:
+            torch.testing.assert_close(frozen[k], at_best[k], rtol=0, atol=0, msg=k)
+    # the other modalities keep their last stage-0 weights into stage 1
+    for k, v in snapshots.ended[6].items():
+        if k not in keys:
+            assert torch.equal(v, last[k]), k
+    # the frozen anchor predicts as it did at its best epoch
+    assert history[7]["standalone_val_accuracy"][anchor] == max(accuracy)
+
+
+def test_udi_state_without_weights_forgets_those_epochs(small_config):
+    data, model, strategy = setup_strategy(small_config("udi", extra=["model.encoder.dropout=0"]))
+    strategy.standalone_accuracy = {m: 0.5 for m in MODALITIES}
+    strategy.standalone_loss = {m: 1.0 for m in MODALITIES}
+    strategy.standalone_entropy = {m: 1.0 for m in MODALITIES}
+    strategy._keep_best(1)
+    state = strategy.state_dict()
+    kept = state["best"]["m1"]["modules"]
+    assert len(kept) == len(model.modality_modules("m1", with_head=True))
+    # the encoded weights are the tensors, bit for bit
+    for module, saved in zip(model.modality_modules("m1", with_head=True), kept, strict=True):
+        for k, v in module.state_dict().items():
+            assert torch.equal(udi_decode(saved[k]), v.cpu()), k
+    strategy.load_state_dict(state)
+    assert set(strategy.best) == set(MODALITIES)
+    state["best"]["m1"].pop("modules")  # as written over the size limit
+    strategy.load_state_dict(state)
+    assert set(strategy.best) == {"m0", "m2"}
+
+
+def udi_decode(encoded):
+    from equimodal.strategies.udi import decode_tensor
+
+    return decode_tensor(encoded)
 
 
 def test_udi_forced_anchor_must_exist(small_config):

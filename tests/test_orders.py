@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from equimodal.balance import all_orders, cyclic_shifts, hybrid_order_set, order_from_scores
+from equimodal.balance import (
+    all_orders,
+    cyclic_shifts,
+    exact_shapley,
+    hybrid_order_set,
+    order_from_scores,
+)
 
 
 def test_all_orders_lexicographic():
@@ -88,6 +95,37 @@ def test_order_from_scores_weakest_first_ties_by_index():
     assert all(isinstance(i, int) for i in order_from_scores([0.1, 0.0]))
 
 
+def test_order_from_scores_ties_within_float_noise_break_by_index():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        # six modalities on two or three levels, each value off by up to 1e-12 of noise in
+        # random positions: the levels decide, then the index, never the noise
+        levels = rng.choice([0.1, 0.25, 0.4], size=6)
+        noise = rng.uniform(-1e-12, 1e-12, size=6) * (rng.random(6) < 0.5)
+        expected = tuple(sorted(range(6), key=lambda i: (levels[i], i)))
+        assert order_from_scores(levels + noise) == expected
+    # 1e-6 apart is not a tie: the value decides, whatever the index
+    assert order_from_scores([0.3 + 1e-6, 0.3]) == (1, 0)
+    assert order_from_scores([0.3, 0.3 - 1e-6, 0.3 + 1e-6]) == (1, 0, 2)
+    assert order_from_scores([0.3 + 2e-9, 0.3]) == (1, 0)  # just above the tolerance
+    assert order_from_scores([0.3 + 5e-10, 0.3]) == (0, 1)  # within it
+
+
+def test_order_from_scores_symmetric_games_order_equal_players_by_index():
+    # v(S) = sqrt(sum of the members' weights): players of equal weight have equal Shapley
+    # values in exact arithmetic, which float rounding splits either way
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        weights = rng.integers(1, 4, size=6).astype(float)
+
+        def value(mask, weights=weights):
+            return math.sqrt(sum(w for i, w in enumerate(weights) if mask >> i & 1))
+
+        phi = exact_shapley(value, 6).values
+        expected = tuple(sorted(range(6), key=lambda i: (weights[i], i)))
+        assert order_from_scores(phi) == expected
+
+
 def test_order_from_scores_refuses_bad_input():
     with pytest.raises(ValueError, match="one name per score"):
         order_from_scores([0.1, 0.2], names=["a"])
@@ -95,3 +133,5 @@ def test_order_from_scores_refuses_bad_input():
         order_from_scores([0.1, float("nan")])
     with pytest.raises(ValueError):
         order_from_scores([])
+    with pytest.raises(ValueError, match="tol"):
+        order_from_scores([0.1, 0.2], tol=-1.0)

@@ -30,7 +30,10 @@ def fit_run(trainer: Trainer) -> TrainResult:
     the unimodal runs, which every rank trains together.
     """
     cfg = trainer.config
-    if trainer.data is None:  # load once: fit and the unimodal runs share it
+    # data the caller passed is theirs: its in-process stand-alone cache is its own; data
+    # loaded here by name shares that cache with every run of the same settings
+    loaded_by_name = trainer.data is None
+    if loaded_by_name:  # load once: fit and the unimodal runs share it
         trainer.data = load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
     group, _ = Distributed.setup(select_device(cfg.train.device))
     try:
@@ -43,17 +46,25 @@ def fit_run(trainer: Trainer) -> TrainResult:
             and len(trainer.data.modalities) > 1
         )
         if wanted:
-            add_relative_edm(trainer, result, group)
+            add_relative_edm(trainer, result, group, loaded_by_name=loaded_by_name)
     finally:
         group.close()
     return result
 
 
 def add_relative_edm(
-    trainer: Trainer, result: TrainResult, group: Distributed | None = None
+    trainer: Trainer,
+    result: TrainResult,
+    group: Distributed | None = None,
+    loaded_by_name: bool = False,
 ) -> None:
     """Add ``relative_edm`` and ``capability_share`` to both splits of ``result.metrics``
     and ``standalone_val_accuracy`` to its test split; rewrite ``metrics.json``.
+
+    ``loaded_by_name`` True says ``trainer.data`` was loaded from the config's dataset
+    section (by :func:`fit_run`), not passed by the caller: only then is the in-process
+    cache of stand-alone accuracies shared with other runs of the same settings (see
+    :func:`~equimodal.analysis.standalone.cached_standalone`).
 
     Under torchrun every rank trains the unimodal runs together (the cache is read and
     written by rank 0); rank 0's metrics reach every rank.
@@ -64,14 +75,18 @@ def add_relative_edm(
     run_dir = result.run_dir if group.is_main else None
     cache_dir = trainer.run_dir.parent / ".standalone" if trainer.run_dir is not None else None
     if group.active:
-        found = cached_standalone(cfg, data, cache_dir) if group.is_main else None
+        found = cached_standalone(cfg, data, cache_dir, loaded_by_name) if group.is_main else None
         ability = group.broadcast_object(found)
         if ability is None:
             ability = standalone_accuracies(
-                cfg, data, cache_dir if group.is_main else None, read_cache=False
+                cfg,
+                data,
+                cache_dir if group.is_main else None,
+                read_cache=False,
+                loaded_by_name=loaded_by_name,
             )
     else:
-        ability = standalone_accuracies(cfg, data, cache_dir)
+        ability = standalone_accuracies(cfg, data, cache_dir, loaded_by_name=loaded_by_name)
     metrics = result.metrics
     if group.is_main:
         _fill(metrics, data, ability)

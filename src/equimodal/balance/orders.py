@@ -73,13 +73,23 @@ def hybrid_order_set(
     return chosen
 
 
+#: scores closer than this (absolute) are a tie: float rounding decides nothing
+TIE_TOLERANCE = 1e-9
+
+
 def order_from_scores(
-    scores: Sequence[float] | np.ndarray, names: Sequence[str] | None = None
+    scores: Sequence[float] | np.ndarray,
+    names: Sequence[str] | None = None,
+    tol: float = TIE_TOLERANCE,
 ) -> Order:
     """Modality indices by ascending score (weakest first); ties keep the lower index first.
 
-    ``names``, when given, must have one entry per score (checked only; the result is
-    always indices). Scores must be finite.
+    Scores within ``tol`` of each other are a tie, so that float rounding (the last bits
+    of two Shapley values that are equal in exact arithmetic) never decides the order:
+    walking the scores in ascending order, a score within ``tol`` of the lowest score of
+    the current group joins it, and each group is ordered by index. ``names``, when given,
+    must have one entry per score (checked only; the result is always indices). Scores
+    must be finite.
     """
     values = np.asarray(scores, dtype=float)
     if values.ndim != 1 or values.size < 1:
@@ -88,4 +98,17 @@ def order_from_scores(
         raise ValueError("scores must be finite")
     if names is not None and len(names) != values.size:
         raise ValueError(f"need one name per score: got {len(names)} for {values.size}")
-    return tuple(int(i) for i in np.argsort(values, kind="stable"))
+    if not tol >= 0.0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
+    ranked: list[int] = []
+    group: list[int] = []
+    start = 0.0
+    for i in (int(j) for j in np.argsort(values, kind="stable")):
+        if group and values[i] - start > tol:
+            ranked.extend(sorted(group))
+            group = []
+        if not group:
+            start = float(values[i])
+        group.append(i)
+    ranked.extend(sorted(group))
+    return tuple(ranked)

@@ -6,9 +6,14 @@ follows is equimodal's reading, and the parts marked *ours* are our choices.
 - **Stage 0.** Every modality is trained alone (its encoder and its own linear head; fusion
   ``late``). Each validation pass measures every modality's stand-alone accuracy and mean
   prediction entropy. Stage 0 ends after ``anchor_epochs`` epochs, or earlier when the best
-  stand-alone validation accuracy has not improved for ``anchor_patience`` epochs. The
-  **anchor** is the modality with the best stand-alone validation accuracy (ties: lower mean
-  entropy); its encoder, projection and head are frozen from then on.
+  stand-alone validation accuracy has not improved for ``anchor_patience`` epochs. Each
+  modality's own predictor (encoder, projection, head) is kept as it was at its best
+  stand-alone validation epoch of stage 0 (ties: lower validation loss, then the earlier
+  epoch). The **anchor** is the modality with the best stand-alone validation accuracy
+  over stage 0 (ties: lower mean entropy at that epoch); its predictor is restored to
+  those best weights and frozen from then on. The kept weights are part of the strategy
+  state (checkpoints), so a run resumed in stage 0 continues exactly, up to a size limit
+  (see :meth:`UDIStrategy.state_dict`).
 - **Stage 1.** Each other modality (a *follower*) is trained with
   ``CE(z_m, y) + w * (lambda_con * JS(p_anchor || p_m) + lambda_com * L_comp(f_anchor, f_m))``.
   ``L_comp`` (*ours*) is an InfoNCE estimate of the mutual information between the
@@ -26,6 +31,7 @@ Works for any number of modalities (one anchor, the others followers).
 
 from __future__ import annotations
 
+import base64
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -83,9 +89,37 @@ def infonce_mutual_information(
     return math.log(b) - F.cross_entropy(sim, target)
 
 
+#: the most characters of encoded weights (see :func:`encode_tensor`) that the strategy
+#: state carries into checkpoints during stage 0; see :meth:`UDIStrategy.state_dict`
+STATE_WEIGHTS_LIMIT = 16_000_000
+
+
 def choose_anchor(accuracy: dict[str, float], entropy: dict[str, float]) -> str:
     """The modality with the best accuracy; ties go to the lower mean entropy."""
     return min(accuracy, key=lambda m: (-accuracy[m], entropy[m]))
+
+
+def encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as JSON, exactly: dtype, shape and its raw bytes in base64."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "data": base64.b64encode(raw).decode("ascii"),
+    }
+
+
+def decode_tensor(encoded: dict[str, Any]) -> torch.Tensor:
+    """The tensor :func:`encode_tensor` wrote (on the CPU), bit for bit."""
+    dtype = getattr(torch, str(encoded["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {encoded['dtype']!r}")
+    shape = [int(n) for n in encoded["shape"]]
+    raw = base64.b64decode(encoded["data"])
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 @register_strategy
@@ -103,6 +137,14 @@ class UDIStrategy(Strategy):
         self.anchor: str | None = None
         self.standalone_accuracy: dict[str, float] = {}
         self.standalone_entropy: dict[str, float] = {}
+        self.standalone_loss: dict[str, float] = {}
+        #: during stage 0, each modality's best stand-alone validation epoch: ``epoch``,
+        #: ``accuracy``, ``loss``, ``entropy`` and ``modules`` (the state of each module
+        #: of its own predictor, tensors encoded exactly); JSON as kept, so that it goes
+        #: into checkpoints as it is and a resumed stage 0 restores the same weights
+        self.best: dict[str, dict[str, Any]] = {}
+        #: the stage-0 epoch whose weights the anchor was frozen with
+        self.anchor_epoch: int | None = None
         self.best_standalone = -1.0
         self.stale = 0
         self.stage0_epochs = 0
@@ -214,18 +256,20 @@ class UDIStrategy(Strategy):
         model = self.context.model
         with torch.no_grad():
             logits = model.unimodal_logits(cache.z)
-        self.standalone_accuracy, self.standalone_entropy = {}, {}
+        self.standalone_accuracy, self.standalone_entropy, self.standalone_loss = {}, {}, {}
         for m, lg in logits.items():
             rows = cache.present[m]
             lg, y = lg[rows], cache.labels[rows]
             if lg.shape[0] == 0:
-                acc, ent = 0.0, math.inf
+                acc, ent, loss = 0.0, math.inf, math.inf
             else:
                 acc = float((lg.argmax(1) == y).float().mean())
                 p = torch.softmax(lg, 1)
                 ent = float(-(p * torch.log(p.clamp_min(1e-12))).sum(1).mean())
+                loss = float(F.cross_entropy(lg.float(), y))
             self.standalone_accuracy[m] = acc
             self.standalone_entropy[m] = ent
+            self.standalone_loss[m] = loss
 
     def on_epoch_start(self, epoch: int) -> None:
         self._switched = False
@@ -235,18 +279,60 @@ class UDIStrategy(Strategy):
     def on_epoch_end(self, epoch: int, report: SplitReport) -> None:
         if self.anchor is not None:
             return
+        self._keep_best(epoch)
         best = max(self.standalone_accuracy.values(), default=0.0)
         if best > self.best_standalone:
             self.best_standalone, self.stale = best, 0
         else:
             self.stale += 1
         if epoch >= self.config.anchor_epochs or self.stale >= self.config.anchor_patience:
-            self.anchor = self.config.anchor or choose_anchor(
-                self.standalone_accuracy, self.standalone_entropy
-            )
+            accuracy = dict(self.standalone_accuracy)
+            entropy = dict(self.standalone_entropy)
+            for m, kept in self.best.items():  # each modality at its best epoch
+                accuracy[m], entropy[m] = kept["accuracy"], kept["entropy"]
+            anchor = self.config.anchor or choose_anchor(accuracy, entropy)
+            self.anchor_epoch = self._restore_best(anchor, epoch)
+            self.anchor = anchor
             self.stage0_epochs = epoch
-            self._freeze(self.anchor)
+            self.best = {}  # stage 1 needs them no more
+            self._freeze(anchor)
             self._switched = True
+
+    def _keep_best(self, epoch: int) -> None:
+        """Keep each modality's predictor of this epoch if it is its best so far (accuracy;
+        ties: lower loss; then the earlier epoch)."""
+        for m, acc in self.standalone_accuracy.items():
+            loss = self.standalone_loss.get(m, math.inf)
+            kept = self.best.get(m)
+            if kept is not None and (acc, -loss) <= (kept["accuracy"], -kept["loss"]):
+                continue
+            self.best[m] = {
+                "epoch": epoch,
+                "accuracy": acc,
+                "loss": loss,
+                "entropy": self.standalone_entropy.get(m, math.inf),
+                "modules": [
+                    {k: encode_tensor(v) for k, v in module.state_dict().items()}
+                    for module in self.anchor_modules(m)
+                ],
+            }
+
+    def _restore_best(self, modality: str, epoch: int) -> int:
+        """Load ``modality``'s predictor at its best stage-0 epoch; returns that epoch
+        (``epoch``, the current one, when none was kept: a checkpoint of an older equimodal)."""
+        kept = self.best.get(modality)
+        if kept is None:
+            return epoch
+        modules = self.anchor_modules(modality)
+        if len(modules) != len(kept["modules"]):
+            raise ValueError(
+                f"strategy udi: kept {len(kept['modules'])} modules of {modality!r}, "
+                f"the model has {len(modules)}"
+            )
+        with torch.no_grad():
+            for module, state in zip(modules, kept["modules"], strict=True):
+                module.load_state_dict({k: decode_tensor(v) for k, v in state.items()})
+        return int(kept["epoch"])
 
     def restarts_patience(self) -> bool:
         return self._switched
@@ -258,24 +344,57 @@ class UDIStrategy(Strategy):
         }
         if self.anchor is not None:
             out["anchor"] = self.anchor
+            out["anchor_epoch"] = self.anchor_epoch
         if self.weight_count:
             out["interaction_weight"] = self.weight_sum / self.weight_count
         return out
 
     # ------------------------------------------------------------------ state
+    # Stage 0 keeps each modality's best predictor in the state (base64 of the raw bytes:
+    # exact, about 1.33 characters a byte), so a run killed in stage 0 resumes with the
+    # same best weights, exactly. The state lives in the checkpoints' JSON header, which
+    # safetensors caps at 100 MB and last.safetensors holds twice (its resume state has
+    # the best epoch's strategy state too), so the weights go into the state only up to
+    # STATE_WEIGHTS_LIMIT characters in all (about 3 million float32 parameters over every
+    # modality's encoder, projection and head; the MLPs of the feature datasets are far
+    # below, two ResNet-18s far above). Beyond it they are kept in memory only: the run
+    # itself is unchanged, but a run resumed in stage 0 knows only the best epochs after
+    # the resume (the anchor's ``anchor_epoch`` says which weights it froze). Stage 1
+    # drops them.
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "anchor": self.anchor,
+            "anchor_epoch": self.anchor_epoch,
             "stage0_epochs": self.stage0_epochs,
             "best_standalone": self.best_standalone,
             "stale": self.stale,
         }
+        if self.anchor is None:
+            size = sum(
+                len(tensor["data"])
+                for kept in self.best.values()
+                for module in kept["modules"]
+                for tensor in module.values()
+            )
+            if size <= STATE_WEIGHTS_LIMIT:  # entries are replaced, never changed in place
+                state["best"] = dict(self.best)
+            else:
+                state["best"] = {
+                    m: {k: v for k, v in kept.items() if k != "modules"}
+                    for m, kept in self.best.items()
+                }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor = state.get("anchor")
+        epoch = state.get("anchor_epoch")
+        self.anchor_epoch = None if epoch is None else int(epoch)
         self.stage0_epochs = int(state.get("stage0_epochs", 0))
         self.best_standalone = float(state.get("best_standalone", -1.0))
         self.stale = int(state.get("stale", 0))
+        best = (state.get("best") or {}) if self.anchor is None else {}
+        # an entry without its weights (over STATE_WEIGHTS_LIMIT) cannot be restored
+        self.best = {m: kept for m, kept in best.items() if "modules" in kept}
         if self.ctx is not None:
             for m in self.context.modalities:
                 for module in self.anchor_modules(m):
