@@ -7,6 +7,7 @@ validated by the options model that the strategy registers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +31,14 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated."""
+    """Base of every config section: unknown keys are errors, values are re-validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Floats must be finite: a NaN or infinite learning rate, weight or temperature is never
+    meant (YAML reads ``.nan`` and ``.inf`` as floats) and would only surface as a diverged
+    run.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DatasetConfig(Section):
@@ -77,22 +83,43 @@ class EncoderConfig(Section):
 
 
 class MemoryConfig(Section):
-    """Options of the cross-modal memory; both alignments are our choice."""
+    """Options of the cross-modal memory; both alignments are our choice.
 
+    The correlation statistic ``C_ij`` of each pair of modalities is computed on every
+    training batch (the global batch under torchrun) and kept as a moving average, which
+    evaluation always reads. The average of a pair moves once per training batch, whatever
+    the strategy: ``shapley_alternating`` runs the chain over every prefix of the order
+    within one batch, but the same features give the same statistic, and the memory folds
+    a statistic into a pair's average only when it differs from the one that pair folded
+    last. Training reads the moving average (``train_stat: ema``, the default) or the
+    batch's own statistic (``batch``).
+    """
+
+    #: align the memory with the correlation statistic ``C_ij``
     align_stat: bool = True
+    #: add a learned map ``A_ij`` per pair (zero at start; one parameter per pair, so a
+    #: training step that reads no (i, j) leaves it exactly as it was)
     align_learned: bool = True
+    #: momentum of the moving average of ``C_ij``, per training batch
     stat_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     align_temperature: float = Field(0.1, gt=0.0)
-    #: which correlation statistic training uses: this batch's, or the moving average
+    #: which correlation statistic training uses: ``ema`` the moving average, updated with
+    #: the batch first (default: on synthetic data the batch statistic jittered from batch
+    #: to batch and joint training learned slower), or ``batch`` this batch's statistic
     train_stat: Literal["batch", "ema"] = "ema"
     gate_bias: float = 1.0
     candidate_init: Literal["identity", "default"] = "identity"
 
 
+#: the largest common width ``model.dim``; the memory fusion holds dim x dim matrices
+MAX_DIM = 16384
+
+
 class ModelConfig(Section):
     """Encoders, common width ``dim`` and fusion (default: the strategy's own)."""
 
-    dim: int = Field(128, gt=0)
+    #: at most MAX_DIM: a larger width is a typo, and allocating it would crash
+    dim: int = Field(128, gt=0, le=MAX_DIM)
     #: a registered fusion (``concat``, ``sum``, ``late``, ``shared``, ``memory``, plugins)
     fusion: str | None = None
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -146,9 +173,16 @@ class TrainConfig(Section):
     #: drop each (sample, modality) of a training batch with this probability, keeping at
     #: least one modality per sample (robustness to missing modalities)
     missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    #: score the test split once at the end (false: tuning runs, which choose settings on
+    #: validation and must never read test; their metrics have no test scores)
+    score_test: bool = True
 
 
 DEFAULT_STRATEGY = "shapley_alternating"
+#: the longest run name: file systems allow 255 bytes, and "-2", "-3"... may be appended
+MAX_NAME_BYTES = 200
+#: the largest seed every seeded library takes (scikit-learn's ``random_state``: 2**32 - 1)
+MAX_SEED = 2**32 - 1
 
 
 class StrategyConfig(Section):
@@ -161,7 +195,7 @@ class RunConfig(Section):
     """Everything that defines one training run."""
 
     name: str | None = None
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: SerializeAsAny[StrategyConfig] = Field(
@@ -180,6 +214,24 @@ class RunConfig(Section):
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping with a 'name', got {type(value).__name__}")
         return _strategy_config({"name": DEFAULT_STRATEGY, **value})
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        """``name`` becomes one folder inside ``--out``: no path, no control characters."""
+        if not value:
+            return None  # "" like None: the default name
+        if value in (".", "..") or "/" in value or "\\" in value:
+            raise ValueError("must be a folder name, not a path")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not hold control characters")
+        try:
+            size = len(os.fsencode(value))
+        except UnicodeError:
+            raise ValueError("is not a valid folder name") from None
+        if size > MAX_NAME_BYTES:
+            raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long, got {size} bytes")
+        return value
 
     @model_validator(mode="after")
     def _resolve_fusion(self) -> RunConfig:
@@ -213,19 +265,40 @@ def _strategy_config(value: dict[str, Any]) -> StrategyConfig:
 
 
 # --------------------------------------------------------------------------- building
+#: what PyYAML's constructors raise besides YAMLError on odd input ("!!timestamp x",
+#: "2001-13-45", "!!float"); RecursionError: brackets nested thousands deep
+YAML_CONSTRUCT_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load``, with a RecursionError as a ConfigError (the caller adds where)."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError("the value is nested too deeply") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``key.path=value`` -> (path, YAML-parsed value)."""
+    """``key.path=value`` -> (path, YAML-parsed value); a value YAML cannot read stays text."""
     if "=" not in text:
-        raise ConfigError(f"--set needs key=value, got {text!r}")
+        raise ConfigError(f"--set needs key=value, got {_short(text)}")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set has an empty key in {text!r}")
+        raise ConfigError(f"--set has an empty key in {_short(text)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _yaml_load(raw) if raw.strip() else ""
+    except ConfigError as err:
+        raise ConfigError(f"--set {_short(key)}: {err}") from None
+    except (yaml.YAMLError, *YAML_CONSTRUCT_ERRORS):
         value = raw
     return key.split("."), value
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut to about ``limit`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -243,20 +316,34 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file (safe loader) into a dict."""
+    """Read a YAML config file (safe loader) into a dict; a ConfigError names the file."""
     p = Path(path)
+    where = f"config file {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a folder, not a file")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{where} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{where} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
+    try:
+        data = _yaml_load(text)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(p)!r}{where}: not valid YAML") from None
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML") from None
+    except YAML_CONSTRUCT_ERRORS as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{where}: not valid YAML ({detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{where} must hold a mapping at the top level")
     return data
 
 

@@ -10,7 +10,9 @@ Folder layout (``dataset.options.root``)::
       mask.npz             optional: a boolean array per modality name, False = absent
 
 A modality is absent for a sample when its mask says so or when its whole row is NaN; a
-row that is only partly NaN, or holds Inf, is an error naming the file and the row.
+row that is only partly NaN, or holds Inf, is an error naming the file and the row. A
+blank line inside ``labels.txt`` or ``split.txt`` is an error (blank lines at the end are
+ignored), so a missing label never shifts the rows after it.
 Without a split file, a stratified ``test_fraction`` of the samples is the test split;
 without validation rows, a stratified ``val_fraction`` of the training rows is held out
 (both seeded). Features are standardised with training-row statistics of the present rows.
@@ -18,10 +20,13 @@ without validation rows, a stratified ``val_fraction`` of the training rows is h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from equimodal.core.validation import show as _show
 from equimodal.data.base import DatasetInfo, ModalitySpec, MultimodalData
 from equimodal.data.registry import register_dataset
 from equimodal.data.splits import build_data, stratified_holdout
@@ -29,6 +34,11 @@ from equimodal.data.splits import build_data, stratified_holdout
 FEATURE_SUFFIXES = (".npy", ".npz", ".parquet")
 RESERVED = ("labels", "split", "mask")
 SPLIT_WORDS = ("train", "val", "test")
+#: the model keeps one torch submodule per modality under the modality's name: a name with
+#: a "." or one of these attribute names cannot be a submodule's name
+TORCH_NAMES = frozenset(dir(torch.nn.ModuleDict()))
+#: the largest magnitude of an unstandardised feature: its square still fits float32
+RAW_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
 
 INFO = DatasetInfo(
     name="features",
@@ -41,20 +51,50 @@ INFO = DatasetInfo(
 )
 
 
+def _cannot_read(path: Path, err: BaseException) -> ValueError:
+    """``cannot read 'path': <why>`` in one line (or ``err`` itself when it names the file)."""
+    if isinstance(err, ValueError) and str(path) in str(err):
+        return err
+    detail = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror:  # no "[Errno 21]", no second path
+        detail = err.strerror
+    if isinstance(err, MemoryError):
+        detail = f"too large for memory ({detail})"
+    return ValueError(f"cannot read {str(path)!r}: {detail}")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array of a .npy file; an .npz archive under a .npy name is an error."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.ndarray):  # an NpzFile: np.load looks at the bytes
+        loaded.close()
+        raise ValueError(f"{str(path)!r} is an .npz archive, not a .npy array; rename it")
+    return loaded
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive; a plain .npy array under an .npz name is an error."""
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        raise ValueError(f"{str(path)!r} is a .npy array, not an .npz archive; rename it")
+    with loaded as bundle:
+        return {key: np.asarray(bundle[key]) for key in bundle.files}
+
+
 def read_array(path: Path) -> np.ndarray:
-    """One numeric array from a .npy, a single-array .npz or a .parquet file."""
+    """One numeric array from a .npy, a single-array .npz or a .parquet file, as float64
+    ``(rows, features)``; any failure is a ValueError naming the file."""
     try:
         if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            array = _load_npy(path)
         elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as bundle:
-                keys = list(bundle.keys())
-                if len(keys) != 1:
-                    raise ValueError(
-                        f"{str(path)!r}: a modality .npz must hold one array, it holds "
-                        f"{len(keys)} ({', '.join(keys) or 'none'})"
-                    )
-                array = bundle[keys[0]]
+            bundle = _load_npz(path)
+            if len(bundle) != 1:
+                raise ValueError(
+                    f"{str(path)!r}: a modality .npz must hold one array, it holds "
+                    f"{len(bundle)} ({', '.join(bundle) or 'none'})"
+                )
+            (array,) = bundle.values()
         elif path.suffix == ".parquet":
             try:
                 import pandas as pd
@@ -66,21 +106,62 @@ def read_array(path: Path) -> np.ndarray:
                 ) from err
         else:
             raise ValueError(f"{str(path)!r}: unsupported file type {path.suffix!r}")
-    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty or cut .npy
-        if str(path) in str(err):
-            raise
-        raise ValueError(f"cannot read {str(path)!r}: {err or type(err).__name__}") from None
+    except Exception as err:  # a user's file: corrupt zip, cut header, pickle, too large...
+        raise _cannot_read(path, err) from None
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{str(path)!r}: features must be numeric, got dtype {array.dtype}")
     if array.ndim == 0:
         raise ValueError(f"{str(path)!r}: expected one row per sample, got a scalar")
-    return array.reshape(array.shape[0], -1).astype(np.float64)
+    columns = int(np.prod(array.shape[1:], dtype=np.int64))
+    if columns == 0:
+        raise ValueError(f"{str(path)!r} has no feature columns (shape {array.shape})")
+    with np.errstate(over="ignore"):  # float128 beyond float64: inf, reported by presence()
+        return array.reshape(array.shape[0], columns).astype(np.float64)
 
 
 def read_lines(path: Path) -> list[str]:
-    """Non-empty stripped lines of a text file (first CSV column)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.split(",")[0].strip() for line in lines if line.strip()]
+    """The stripped first CSV column of each line of a text file.
+
+    Blank lines at the end are dropped; a blank line inside stays as ``""`` for the caller
+    to report (dropping it would shift every row after it).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start})"
+        ) from None
+    lines = [
+        line.split(",")[0].strip()
+        for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    ]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _blank(path: Path, values: list[str], what: str) -> None:
+    """A ValueError naming the first blank entry of ``values`` (and its line), if any."""
+    blank = [i for i, v in enumerate(values) if not v]
+    if blank:
+        line = f" (line {blank[0] + 1})" if path.suffix != ".npy" else ""
+        more = f" ({len(blank)} blank rows)" if len(blank) > 1 else ""
+        raise ValueError(f"{str(path)!r}: row {blank[0]}{line} is blank{more}; {what}")
+
+
+def _class_ids(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Class ids and names: integers in numeric order if every value is one, else names."""
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        names = sorted(set(values))
+        index = {name: k for k, name in enumerate(names)}
+        return np.array([index[v] for v in values], dtype=np.int64), tuple(names)
+    unique = sorted(set(ints))
+    position = {value: k for k, value in enumerate(unique)}
+    ids = np.array([position[v] for v in ints], dtype=np.int64)
+    return ids, tuple(str(v) for v in unique)
 
 
 def read_labels(root: Path) -> tuple[np.ndarray, tuple[str, ...], Path]:
@@ -91,48 +172,112 @@ def read_labels(root: Path) -> tuple[np.ndarray, tuple[str, ...], Path]:
         raise FileNotFoundError(f"{str(root)!r} has no labels file (labels.npy, .txt or .csv)")
     if path.suffix == ".npy":
         try:
-            raw = np.load(path, allow_pickle=False).reshape(-1)
-        except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"cannot read {str(path)!r}: {err or type(err).__name__}") from None
+            raw = _load_npy(path).reshape(-1)
+        except Exception as err:
+            raise _cannot_read(path, err) from None
+        values = _label_texts(path, raw)
     else:
-        raw = np.asarray(read_lines(path))
-    if raw.size == 0:
+        values = read_lines(path)
+    if not values:
         raise ValueError(f"{str(path)!r} holds no labels")
-    try:
-        ints = raw.astype(np.int64)
-        if raw.dtype.kind == "f" and not np.array_equal(ints, raw):
-            raise ValueError
-        names = tuple(str(c) for c in np.unique(ints))
-        labels = np.searchsorted(np.unique(ints), ints)
-    except ValueError:
-        classes = np.unique(raw.astype(str))
-        names = tuple(str(c) for c in classes)
-        labels = np.searchsorted(classes, raw.astype(str))
+    _blank(path, values, "every sample needs a label")
+    labels, names = _class_ids(values)
     if len(names) < 2:
         raise ValueError(f"{str(path)!r}: needs at least 2 classes, found {len(names)}")
-    return labels.astype(np.int64), names, path
+    return labels, names, path
+
+
+def _label_texts(path: Path, raw: np.ndarray) -> list[str]:
+    """The labels of a labels.npy as text: integers (whole floats too) or class names."""
+    kind = raw.dtype.kind
+    if kind in "biu":
+        return [str(int(v)) for v in raw.tolist()]
+    if kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(raw) | (np.mod(raw, 1) != 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"{str(path)!r}: row {row} is {raw[row]}; a label is an integer or a class name"
+            )
+        return [str(int(v)) for v in raw.tolist()]
+    if kind in "US":
+        return [
+            (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).strip()
+            for v in raw.tolist()
+        ]
+    raise ValueError(
+        f"{str(path)!r}: labels must be integers or class names, got dtype {raw.dtype}"
+    )
 
 
 def discover_modalities(root: Path, names: list[str] | None) -> dict[str, Path]:
     """Modality name -> feature file (every feature file but labels/split/mask)."""
-    found = {
-        p.stem: p
-        for p in sorted(root.iterdir())
-        if p.suffix in FEATURE_SUFFIXES and p.stem not in RESERVED
-    }
+    found: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.suffix not in FEATURE_SUFFIXES or p.stem in RESERVED:
+            continue
+        if p.stem in found:
+            raise ValueError(
+                f"{str(root)!r} has two files for modality {p.stem!r} "
+                f"({found[p.stem].name} and {p.name}); keep one"
+            )
+        found[p.stem] = p
     if names is None:
         if len(found) < 1:
             raise FileNotFoundError(
                 f"{str(root)!r} has no modality files ({', '.join(FEATURE_SUFFIXES)})"
             )
-        return found
-    missing = [m for m in names if m not in found]
-    if missing:
-        raise FileNotFoundError(
-            f"{str(root)!r}: no file for modality {missing[0]!r} "
-            f"(looked for {missing[0]}{{{','.join(FEATURE_SUFFIXES)}}})"
-        )
-    return {m: found[m] for m in names}
+        chosen = found
+    else:
+        missing = [m for m in names if m not in found]
+        if missing:
+            raise FileNotFoundError(
+                f"{str(root)!r}: no file for modality {missing[0]!r} "
+                f"(looked for {missing[0]}{{{','.join(FEATURE_SUFFIXES)}}})"
+            )
+        chosen = {m: found[m] for m in names}
+    for name, path in chosen.items():
+        if "." in name or name in TORCH_NAMES:
+            why = "holds a '.'" if "." in name else "is reserved by torch"
+            other = name.replace(".", "_") if "." in name else f"{name}_features"
+            raise ValueError(
+                f"{str(path)!r}: the modality name {name!r} {why}; rename the file "
+                f"(e.g. to {other}{path.suffix})"
+            )
+    return chosen
+
+
+def read_masks(path: Path, files: dict[str, Path], n: int, labels_path: Path) -> dict:
+    """``mask.npz``: one boolean (or 0/1) array of ``n`` rows per modality, False = absent."""
+    try:
+        arrays = _load_npz(path)
+    except Exception as err:
+        raise _cannot_read(path, err) from None
+    masks: dict[str, np.ndarray] = {}
+    for key, array in arrays.items():
+        if key not in files:
+            raise ValueError(f"{str(path)!r}: key {key!r} is not a modality ({', '.join(files)})")
+        flat = array.reshape(-1)
+        if flat.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{str(path)!r}: {key!r} must be boolean (False = absent), got dtype {flat.dtype}"
+            )
+        if flat.dtype.kind != "b":
+            odd = (flat != 0) & (flat != 1)  # NaN is odd too
+            if odd.any():
+                row = int(np.argmax(odd))
+                raise ValueError(
+                    f"{str(path)!r}: {key!r} must be boolean (False = absent), "
+                    f"row {row} is {flat[row]}"
+                )
+        if flat.shape[0] != n:
+            raise ValueError(
+                f"{str(path)!r}: {key!r} has {flat.shape[0]} rows, "
+                f"{str(labels_path)!r} has {n} labels"
+            )
+        masks[key] = flat.astype(bool)
+    return masks
 
 
 def presence(name: str, path: Path, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -172,7 +317,18 @@ def load_features(
             "dataset 'features' needs dataset.options.root: a folder with one feature file "
             "per modality and a labels file"
         )
-    folder = Path(root)
+    folder = _root(root)
+    names = _modality_names(modalities)
+    for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(
+                f"dataset.options.{option} must be a number between 0 and 1 (exclusive), "
+                f"got {_show(value)}"
+            )
+    if not isinstance(standardize, bool):
+        raise ValueError(
+            f"dataset.options.standardize must be true or false, got {_show(standardize)}"
+        )
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(
             f"dataset folder {str(folder)!r} is a file; dataset.options.root must be a folder"
@@ -181,22 +337,9 @@ def load_features(
         raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist")
     labels, classes, labels_path = read_labels(folder)
     n = labels.shape[0]
-    files = discover_modalities(folder, modalities)
-    masks: dict[str, np.ndarray] = {}
+    files = discover_modalities(folder, names)
     mask_path = folder / "mask.npz"
-    if mask_path.is_file():
-        with np.load(mask_path, allow_pickle=False) as bundle:
-            for key in bundle.files:
-                if key not in files:
-                    raise ValueError(
-                        f"{str(mask_path)!r}: key {key!r} is not a modality ({', '.join(files)})"
-                    )
-                masks[key] = np.asarray(bundle[key]).astype(bool).reshape(-1)
-                if masks[key].shape[0] != n:
-                    raise ValueError(
-                        f"{str(mask_path)!r}: {key!r} has {masks[key].shape[0]} rows, "
-                        f"{str(labels_path)!r} has {n} labels"
-                    )
+    masks = read_masks(mask_path, files, n, labels_path) if mask_path.is_file() else {}
     features: dict[str, np.ndarray] = {}
     present: dict[str, np.ndarray] = {}
     for name, path in files.items():
@@ -212,6 +355,8 @@ def load_features(
                 f"{str(path)!r}: modality {name!r} is absent for every sample ({why}); "
                 "remove the file or give it data"
             )
+        if not standardize:
+            _fits_float32(path, x)
         features[name] = np.where(present[name][:, None], np.nan_to_num(x), 0.0)
     nobody = ~np.stack(list(present.values()), 1).any(1)
     if nobody.any():
@@ -220,6 +365,14 @@ def load_features(
             f"({int(nobody.sum())} such samples)"
         )
     rows = _split_rows(folder, labels, classes, seed, val_fraction, test_fraction)
+    if standardize:
+        for name, path in files.items():
+            if not present[name][rows["train"]].any():
+                raise ValueError(
+                    f"{str(path)!r}: modality {name!r} is absent from every training row, so "
+                    "it cannot be standardised; give training rows data or set "
+                    "dataset.options.standardize=false"
+                )
     info = DatasetInfo(
         name="features",
         modalities=tuple(ModalitySpec(m, (x.shape[1],), "features") for m, x in features.items()),
@@ -229,7 +382,51 @@ def load_features(
         license="yours",
         class_names=classes,
     )
-    return build_data(info, features, labels, rows, standardize, {"root": str(folder)}, present)
+    sources = {name: str(path) for name, path in files.items()}
+    options: dict[str, object] = {"root": str(folder)}
+    return build_data(info, features, labels, rows, standardize, options, present, sources)
+
+
+def _root(root: object) -> Path:
+    """``dataset.options.root`` as a Path; an empty or non-path value is an error."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"dataset.options.root must be a folder path, got {_show(root)}")
+    if not str(root).strip():
+        raise ValueError("dataset.options.root is empty; give the folder of your feature files")
+    return Path(root)
+
+
+def _modality_names(modalities: object) -> list[str] | None:
+    """``dataset.options.modalities``: None (all files), one name, or a list of names."""
+    if modalities is None:
+        return None
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    if not isinstance(modalities, (list, tuple)) or not all(
+        isinstance(m, str) and m for m in modalities
+    ):
+        raise ValueError(
+            f"dataset.options.modalities must be a list of modality names, got {_show(modalities)}"
+        )
+    if not modalities:
+        raise ValueError("dataset.options.modalities is empty; name at least one modality")
+    twice = [m for k, m in enumerate(modalities) if m in modalities[:k]]
+    if twice:
+        raise ValueError(f"dataset.options.modalities names {twice[0]!r} twice")
+    return list(modalities)
+
+
+def _fits_float32(path: Path, x: np.ndarray) -> None:
+    """Unstandardised features are trained on as float32, where a magnitude beyond
+    ``RAW_LIMIT`` overflows at its square (Adam's second moment, variances): refused."""
+    big = np.abs(np.nan_to_num(x)) > RAW_LIMIT
+    if big.any():
+        row, col = np.argwhere(big)[0]
+        raise ValueError(
+            f"{str(path)!r}: row {row}, column {col} is {x[row, col]:g}; unstandardised "
+            f"features must stay within ±{RAW_LIMIT:.1e} (the square of a larger value "
+            "overflows float32): rescale the column or set dataset.options.standardize=true"
+        )
 
 
 def _holdout(

@@ -64,8 +64,8 @@ class MLPOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hidden: int = Field(256, gt=0)
-    depth: int = Field(1, gt=0)
+    hidden: int = Field(256, gt=0, le=65536)
+    depth: int = Field(1, gt=0, le=64)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
 
