@@ -51,6 +51,8 @@ class Bad:
     watch: Path | None = None
     #: what the library's message must hold, where it differs from the CLI's
     library_fragment: str | None = None
+    #: met after training began: the run folder is kept (nothing trained is deleted)
+    kept: bool = False
 
 
 @dataclass
@@ -557,9 +559,10 @@ def corrupt_spectrogram(ctx: Ctx) -> Bad:
             for i in range(len(split)):
                 split.read_item(i)
 
-    return cremad_case(
+    case = cremad_case(
         ctx, damage, ValueError, "cannot read spectrogram '{target}'", library=library
     )
+    return replace(case, kept=True)  # the clip is read in the first training epoch
 
 
 def modality_folder_missing(ctx: Ctx) -> Bad:
@@ -698,7 +701,7 @@ def output_not_writable_simulated(ctx: Ctx) -> Bad:
 
 def disk_full(ctx: Ctx) -> Bad:
     # an earlier run in the same folder must survive; the new run fails at its first
-    # checkpoint, partway through writing it, and leaves nothing
+    # checkpoint, partway through writing it, and leaves no partial file
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("the disk-full simulation reads /proc/self/fd")
     earlier = ctx.out / "synthetic-joint-s0"
@@ -718,6 +721,7 @@ def disk_full(ctx: Ctx) -> Bad:
         OSError,
         f"cannot write '{target}': No space left on device",
         library,
+        kept=True,  # the first checkpoint: training had begun, so the folder stays
     )
 
 
@@ -803,7 +807,13 @@ def test_bad_input_is_refused_in_one_line_with_exit_2(name, tmp_path, monkeypatc
     assert len(errors) == 1, result.output
     assert bad.fragment in errors[0], result.output
     assert "Traceback" not in result.output
-    assert snapshot(watch) == before, f"{watch} changed"
+    if bad.kept:  # everything there before is unchanged, and the new run folder is kept
+        after = snapshot(watch) or {}
+        assert {k: v for k, v in after.items() if k in (before or {})} == (before or {})
+        assert any(k.endswith("config.yaml") for k in after), sorted(after)
+        assert "the run folder is kept" in errors[0]
+    else:
+        assert snapshot(watch) == before, f"{watch} changed"
     leftovers = [*tmp_path.rglob("*.tmp"), *tmp_path.rglob("*.partial")]
     assert not leftovers, leftovers
 
@@ -829,13 +839,16 @@ def test_disk_full_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypa
 
 
 @needs_proc
-def test_disk_full_during_training_leaves_no_run_folder(tmp_path, monkeypatch):
-    out = tmp_path / "new" / "runs"  # does not exist yet: the CLI makes it, then removes it
+def test_disk_full_during_training_keeps_the_run_folder_without_partial_files(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "new" / "runs"  # does not exist yet: the CLI makes it
     DiskBudget(monkeypatch, tmp_path, budget=2000)
     result = runner.invoke(app, ["train", "-q", "--out", str(out), *SMALL])
     assert result.exit_code == 2, result.output
-    assert "No space left on device" in result.output
-    assert not (tmp_path / "new").exists()
+    assert "No space left on device" in result.output and "the run folder is kept" in result.output
+    assert (out / "synthetic-joint-s0" / "config.yaml").is_file()  # training had begun
+    assert not [*tmp_path.rglob("*.tmp"), *tmp_path.rglob("*.partial")]
 
 
 def test_labels_outside_the_classes_are_refused_for_every_dataset():

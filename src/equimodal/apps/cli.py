@@ -6,7 +6,11 @@ what is wrong and exit code 2; no half-made run folder is left behind.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +27,9 @@ app = typer.Typer(
     no_args_is_help=False,
     help="Balanced multimodal learning: Shapley-guided alternating training and diagnostics.",
 )
-out = Console()
-err = Console(stderr=True)
+# emoji codes off: ":smile:" in a user's file name or message stays as written
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 USER_ERRORS = (
     ConfigError,
@@ -130,7 +135,7 @@ def train(
     """Train a model; with no options, `shapley_alternating` on mfeat (tmc split)."""
     from equimodal.analysis.relative_edm import fit_run
     from equimodal.data.registry import load_dataset
-    from equimodal.engine.trainer import Trainer, build_model, remove_run_dir
+    from equimodal.engine.trainer import Trainer, build_model, select_device
 
     if resume is not None:
         given = [
@@ -174,10 +179,14 @@ def train(
         ):
             base["strategy"] = {"name": strategy}  # options of another method do not carry over
         cfg = build_config(base, overrides)
+        select_device(cfg.train.device)  # e.g. cuda asked for on a machine without it
         data = load_dataset(cfg.dataset.name, seed=cfg.seed, **cfg.dataset.options)
         build_model(cfg, data.info)  # validates sizes and names before any folder exists
     except USER_ERRORS as exc:
         _fail(_message(exc))
+        return
+    except (RuntimeError, MemoryError) as exc:  # a model too large to allocate
+        _fail(f"cannot build the model: {_message(exc) or type(exc).__name__}")
         return
     from equimodal.engine.distributed import is_main_process
 
@@ -196,30 +205,104 @@ def train(
         f"({', '.join(data.modalities)}; fusion {cfg.model.fusion}; seed {cfg.seed}) -> {run_dir}",
         highlight=False,
     )
-    try:
-        result = fit_run(Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err))
-    except KeyboardInterrupt:
-        err.print(
-            f"interrupted; the last complete epoch is in {run_dir}/checkpoints/last.safetensors; "
-            f"continue with: equimodal train --resume {run_dir}"
-        )
-        raise typer.Exit(code=130) from None
-    except USER_ERRORS as exc:
-        remove_run_dir(run_dir)
-        _remove_empty(new_parents)
-        _fail(_message(exc))
-        return
-    except BaseException:
-        remove_run_dir(run_dir)
-        _remove_empty(new_parents)
-        raise
+    trainer = Trainer(cfg, data=data, run_dir=run_dir, progress=not quiet, console=err)
+    result = _guarded_fit(trainer, run_dir, new_parents)
     _draw_plots(run_dir)
     _print_metrics(result.metrics, run_dir)
 
 
+class RunTerminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, ``kill PID``), handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`RunTerminated` (main thread only)."""
+
+    def handler(signum, frame):
+        raise RunTerminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _guarded_fit(trainer, run_dir: Path, new_parents: list[Path] | None = None):
+    """Train through ``fit_run``; what a failure leaves depends on how far training got.
+
+    Before the first epoch began (a fresh run): the run folder is removed and a bad input
+    ends in one line with exit code 2. Once training began, nothing is deleted: the error
+    and its traceback go to ``RUN/error.log`` and one line names the error and how to
+    continue (exit code 2 for bad input met on the way, such as a corrupt file or a full
+    disk, else 1, also for a diverged loss; Ctrl-C 130; SIGTERM 143; the epoch that was
+    running is lost, ``--resume`` continues from the last complete one).
+    """
+    from equimodal.analysis.relative_edm import fit_run
+    from equimodal.engine.trainer import TrainingDiverged, remove_run_dir
+
+    last = run_dir / "checkpoints" / "last.safetensors"
+
+    def how_to_continue() -> str:
+        if last.is_file():
+            return f"continue with: equimodal train --resume {run_dir}"
+        return "no epoch finished, so there is nothing to resume; start it again"
+
+    try:
+        with _sigterm_as_interrupt():
+            return fit_run(trainer)
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, RunTerminated) else 130
+        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        if not trainer.training_started and new_parents is not None:
+            remove_run_dir(run_dir)
+            _remove_empty(new_parents)
+            err.print(f"{what} before training began; nothing was kept", highlight=False)
+        else:
+            err.print(f"{what}; {how_to_continue()}", highlight=False)
+        raise typer.Exit(code=code) from None
+    except BaseException as exc:
+        if isinstance(exc, (SystemExit, typer.Exit)):
+            raise
+        if not trainer.training_started:
+            if new_parents is not None:  # a fresh run that trained nothing: nothing to keep
+                remove_run_dir(run_dir)
+                _remove_empty(new_parents)
+            if isinstance(exc, USER_ERRORS):  # bad input (a resumed run stays as it was)
+                _fail(_message(exc))
+            if new_parents is not None:
+                raise
+        _write_error_log(run_dir, exc)
+        diverged = isinstance(exc, TrainingDiverged)  # its message names the checkpoint
+        kind = "" if diverged else f"{type(exc).__name__}: "
+        then = "" if diverged else f"; {how_to_continue()}"
+        err.print(
+            f"[bold red]error:[/] {escape(kind + _message(exc))}; the run folder is kept "
+            f"(traceback in {escape(str(run_dir / 'error.log'))}){escape(then)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        # bad input met during training (a corrupt file, a full disk) is still exit code 2
+        code = 2 if isinstance(exc, USER_ERRORS) and not diverged else 1
+        raise typer.Exit(code=code) from None
+
+
+def _write_error_log(run_dir: Path, exc: BaseException) -> None:
+    """The error and its traceback in ``RUN/error.log`` (best effort: the disk may be full)."""
+    from equimodal.core.files import write_text_atomic
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    with contextlib.suppress(OSError):
+        write_text_atomic(run_dir / "error.log", text)
+
+
 def _resume_run(run_dir: Path, quiet: bool) -> None:
     """``train --resume``: continue ``run_dir`` from ``checkpoints/last.safetensors``."""
-    from equimodal.analysis.relative_edm import fit_run
     from equimodal.data.registry import load_dataset
     from equimodal.engine.distributed import is_main_process
     from equimodal.engine.trainer import Trainer
@@ -249,13 +332,10 @@ def _resume_run(run_dir: Path, quiet: bool) -> None:
         trainer = Trainer(
             cfg, data=data, run_dir=run_dir, progress=main and not quiet, console=err, resume=True
         )
-        result = fit_run(trainer)
-    except KeyboardInterrupt:
-        err.print(f"interrupted again; resume with: equimodal train --resume {run_dir}")
-        raise typer.Exit(code=130) from None
     except USER_ERRORS as exc:  # the interrupted run stays as it was, for another try
         _fail(_message(exc))
         return
+    result = _guarded_fit(trainer, run_dir)
     if main:
         _draw_plots(run_dir)
         _print_metrics(result.metrics, run_dir)
@@ -272,9 +352,10 @@ def _draw_plots(run_dir: Path) -> None:
 
 
 def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
-    test = metrics["test"]
+    split = "test" if metrics["test"] else "validation"  # train.score_test false: no test
+    test = metrics["test"] or metrics["val"]
     summary = Table(
-        title=f"test split ({test['num_samples']} samples), best epoch {metrics['best_epoch']}"
+        title=f"{split} split ({test['num_samples']} samples), best epoch {metrics['best_epoch']}"
     )
     for col in ("accuracy", "macro-F1", "EDM", "relative EDM", "train time"):
         summary.add_column(col, justify="right")
@@ -287,7 +368,7 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
     )
     out.print(summary)
     if "shapley" in test:
-        per = Table(title="modality contributions (Shapley value of accuracy, test)")
+        per = Table(title=f"modality contributions (Shapley value of accuracy, {split})")
         alone = test.get("standalone_val_accuracy", {})
         for col in ("modality", "Shapley", "share", "deviation from equal share", "alone (val)"):
             per.add_column(col, justify="right")
@@ -388,7 +469,12 @@ def evaluate(
             model, data.test, strategy.inference_kwargs(), draws=draws, seed=cfg.seed
         )
         out.print(robustness_markdown(result), highlight=False, markup=False)
-        for p in write_robustness(result, run_dir / "robustness"):
+        try:
+            written = write_robustness(result, run_dir / "robustness")
+        except USER_ERRORS as exc:
+            _fail(_message(exc))
+            return
+        for p in written:
             err.print(f"wrote {p}", highlight=False)
     if competition:
         from equimodal.analysis.competition import measure_competition
@@ -471,18 +557,24 @@ def bench(
     ] = None,
 ) -> None:
     """Run a grid of runs (resumable) and write summary.md and summary.csv."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from equimodal.apps.bench import (
         add_robustness,
         bench_wants_robustness,
-        execute,
+        choose_settings,
         load_bench,
-        paired_p_values,
+        load_tuning,
         pending,
     )
-    from equimodal.apps.report import load_metrics, summarize, summary_csv, summary_markdown
-    from equimodal.core.files import write_text_atomic
+    from equimodal.apps.report import (
+        comparison_note,
+        load_metrics,
+        summarize,
+        summary_csv,
+        summary_markdown,
+    )
+    from equimodal.apps.stats import compare_to_reference
+    from equimodal.core.files import write_json_atomic, write_text_atomic
 
     if jobs < 1:
         _fail(f"--jobs must be at least 1, got {jobs}")
@@ -496,18 +588,83 @@ def bench(
 
             require_ray()
         runs, reference = load_bench(bench_file, out_dir)
+        trials, tuning_runs = load_tuning(bench_file, out_dir)
         robustness = bench_wants_robustness(bench_file)
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "bench.yaml", bench_file.read_text(encoding="utf-8"))
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+    if trials:
+        # tuning: every method the same number of trials, chosen on validation only
+        left = pending(tuning_runs)
+        err.print(
+            f"[bold]equimodal bench[/] tuning: {len(trials)} trials, {len(tuning_runs)} runs "
+            f"({len(tuning_runs) - len(left)} already finished) -> {out_dir / 'tuning'}",
+            highlight=False,
+        )
+        failures = _run_grid(tuning_runs, "tuning", jobs, executor, address)
+        for run, error in failures:
+            err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+        try:
+            chosen, record = choose_settings(trials, tuning_runs)
+            write_json_atomic(out_dir / "tuning.json", record)
+            missing = sorted({(t.dataset, t.label) for t in trials} - set(chosen))
+            if missing:
+                raise ValueError(
+                    f"no tuning run of {missing[0][1]!r} on {missing[0][0]!r} finished"
+                )
+            runs, reference = load_bench(bench_file, out_dir, chosen)
+        except USER_ERRORS as exc:
+            _fail(_message(exc))
+            return
+        for (dataset, label), settings in sorted(chosen.items()):
+            text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(no settings)"
+            err.print(f"chosen on validation: {dataset} {label}: {text}", highlight=False)
     todo = pending(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "bench.yaml", bench_file.read_text(encoding="utf-8"))
     err.print(
         f"[bold]equimodal bench[/] {len(runs)} runs ({len(runs) - len(todo)} already finished) "
         f"-> {out_dir}",
         highlight=False,
     )
+    failures = _run_grid(runs, "bench", jobs, executor, address)
+    for run, error in failures:
+        err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+    from equimodal.apps.report import write_report
+
+    try:  # each file is written whole or not at all (a full disk ends here in one line)
+        if robustness:
+            added = add_robustness(runs)
+            if added:
+                err.print(f"robustness scored for {added} runs", highlight=False)
+        finished = [load_metrics(r.run_dir) for r in runs if (r.run_dir / "metrics.json").is_file()]
+        if not finished:
+            _fail("no run finished")
+        comparisons = compare_to_reference(finished, reference) if reference else None
+        rows = summarize(finished, by_run_name=True, comparisons=comparisons)
+        text = summary_markdown(rows)
+        if reference:
+            text += "\n" + comparison_note(reference) + "\n"
+        write_text_atomic(out_dir / "summary.md", text)
+        write_text_atomic(out_dir / "summary.csv", summary_csv(rows))
+        err.print(f"wrote {write_report(out_dir, comparisons, reference)}", highlight=False)
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
+    out.print(text, highlight=False, markup=False)
+    if failures:
+        raise typer.Exit(code=1)
+
+
+def _run_grid(runs, name: str, jobs: int, executor: str, address: str | None):
+    """Train the pending ``runs`` with a progress bar; returns the failures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from equimodal.apps.bench import execute, pending
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(bar_width=24),
@@ -515,7 +672,7 @@ def bench(
         TimeElapsedColumn(),
         console=err,
     ) as progress:
-        task = progress.add_task("bench", total=len(todo))
+        task = progress.add_task(name, total=len(pending(runs)))
 
         def done(run, error) -> None:
             state = "failed" if error else "done"
@@ -523,29 +680,7 @@ def bench(
                 task, advance=1, description=f"{run.dataset} {run.label} s{run.seed} {state}"
             )
 
-        failures = execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
-    for run, error in failures:
-        err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
-    if robustness:
-        added = add_robustness(runs)
-        if added:
-            err.print(f"robustness scored for {added} runs", highlight=False)
-    finished = [load_metrics(r.run_dir) for r in runs if (r.run_dir / "metrics.json").is_file()]
-    if not finished:
-        _fail("no run finished")
-    p_values = paired_p_values(finished, reference) if reference else None
-    rows = summarize(finished, by_run_name=True, p_values=p_values)
-    text = summary_markdown(rows)
-    if reference:
-        text += f"\np: paired t-test over seeds of test accuracy against {reference!r}.\n"
-    write_text_atomic(out_dir / "summary.md", text)
-    write_text_atomic(out_dir / "summary.csv", summary_csv(rows))
-    from equimodal.apps.report import write_report
-
-    err.print(f"wrote {write_report(out_dir, p_values, reference)}", highlight=False)
-    out.print(text, highlight=False, markup=False)
-    if failures:
-        raise typer.Exit(code=1)
+        return execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
 
 
 @app.command()
@@ -572,7 +707,11 @@ def diagnose(
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
-    paths = write_diagnosis(diagnosis, run_dir / "diagnose")
+    try:
+        paths = write_diagnosis(diagnosis, run_dir / "diagnose")
+    except USER_ERRORS as exc:
+        _fail(_message(exc))
+        return
     for sentence in diagnosis.summary:
         out.print(f"- {sentence}", highlight=False)
     err.print(

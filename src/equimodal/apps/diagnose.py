@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from equimodal.core.files import save_figure
+
 
 @dataclass
 class Diagnosis:
@@ -201,7 +203,7 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     figures.append(("Shapley share per modality", out / "shares.png"))
-    fig.savefig(figures[-1][1], dpi=110)
+    save_figure(fig, figures[-1][1], dpi=110)
     plt.close(fig)
 
     if d.decision:
@@ -217,7 +219,7 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
             a.tick_params(axis="x", labelrotation=45)
         fig.tight_layout()
         figures.append(("Decision layer", out / "decision.png"))
-        fig.savefig(figures[-1][1], dpi=110)
+        save_figure(fig, figures[-1][1], dpi=110)
         plt.close(fig)
 
         grid = np.array(
@@ -237,7 +239,7 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
         ax.set_title("per-class accuracy of each modality's own logits (test)", fontsize=9)
         fig.tight_layout()
         figures.append(("Per-class accuracy per modality", out / "per_class.png"))
-        fig.savefig(figures[-1][1], dpi=110)
+        save_figure(fig, figures[-1][1], dpi=110)
         plt.close(fig)
 
     rob = RobustnessResult(
@@ -380,22 +382,24 @@ def render_html(d: Diagnosis, figures: list[tuple[str, Path]]) -> str:
 
 
 def write_diagnosis(d: Diagnosis, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.html, diagnosis.json and the PNGs into ``out_dir``."""
-    from equimodal.core.files import write_text_atomic
+    """Write report.md, report.html, diagnosis.json and the PNGs into ``out_dir``.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(d, out)
-    paths = {
-        "markdown": out / "report.md",
-        "html": out / "report.html",
-        "json": out / "diagnosis.json",
-    }
-    write_text_atomic(paths["markdown"], render_markdown(d, figures, out))
-    write_text_atomic(paths["html"], render_html(d, figures))
-    payload = {k: v for k, v in d.__dict__.items()}
-    write_text_atomic(paths["json"], json.dumps(payload, indent=1, default=_jsonable))
-    return paths
+    The folder is written whole, under a temporary name renamed at the end: a failure (a
+    full disk) leaves the previous report, or none, never part of one.
+    """
+    from equimodal.core.files import atomic_output, dumps_json, write_text_atomic
+
+    final = Path(out_dir)
+    names = {"markdown": "report.md", "html": "report.html", "json": "diagnosis.json"}
+    with atomic_output(final) as out:
+        out.mkdir(parents=True)
+        figures = _figures(d, out)
+        write_text_atomic(out / names["markdown"], render_markdown(d, figures, out))
+        write_text_atomic(out / names["html"], render_html(d, figures))
+        payload = {k: v for k, v in d.__dict__.items()}
+        plain = json.loads(json.dumps(payload, default=_jsonable))  # NaN/inf become null
+        write_text_atomic(out / names["json"], dumps_json(plain, indent=1))
+    return {key: final / name for key, name in names.items()}
 
 
 def _jsonable(value: Any) -> Any:

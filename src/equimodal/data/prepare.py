@@ -10,16 +10,15 @@ and renamed when complete (:func:`atomic_output`). Shared here: the settings fil
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from equimodal.core.files import atomic_output
 from equimodal.core.registries import PREPARERS
 from equimodal.core.registry import closest_name
 
@@ -92,33 +91,6 @@ def _holds_items(out: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- atomic outputs
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
-
-    A file or folder at the temporary path is removed first (a partial output of a killed
-    run), and removed again if the body raises.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    _remove(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-        _remove(path)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def write_text_file(path: Path, lines: Sequence[str]) -> None:
     """Write ``lines`` (newline-terminated) to ``path`` atomically."""
     with atomic_output(path) as tmp:

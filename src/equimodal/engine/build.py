@@ -29,7 +29,7 @@ def select_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        raise ValueError("train.device is 'cuda' but CUDA is not available on this machine")
     return torch.device(name)
 
 

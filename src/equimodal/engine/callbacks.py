@@ -29,7 +29,6 @@ Under torchrun the hooks run on rank 0 only (the process that evaluates and writ
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from equimodal.config import dump_config
-from equimodal.core.files import write_json_atomic, write_text_atomic
+from equimodal.core.files import dumps_json, write_json_atomic, write_text_atomic
 from equimodal.engine.build import library_versions, rng_state
 from equimodal.engine.checkpoint import save_checkpoint
 
@@ -202,7 +201,7 @@ class RunFiles(Callback):
 
     def _write_history(self, state: FitState) -> None:
         write_text_atomic(
-            self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state.history)
+            self.run_dir / "history.jsonl", "".join(dumps_json(r) + "\n" for r in state.history)
         )
 
     def on_fit_start(self, trainer: Trainer, state: FitState) -> None:

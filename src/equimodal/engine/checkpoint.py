@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from equimodal.core.files import write_bytes_atomic
+from equimodal.core.files import dumps_json, write_bytes_atomic
 
 FORMAT = "equimodal-checkpoint"
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ def save_checkpoint(
     header: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "meta": meta}
     if optimizer is not None:
         header["optimizer"] = _flatten_optimizer(optimizer.state_dict(), tensors)
-    data = st_save(tensors, metadata={"equimodal": json.dumps(header)})
+    data = st_save(tensors, metadata={"equimodal": dumps_json(header)})
     write_bytes_atomic(path, data)
 
 

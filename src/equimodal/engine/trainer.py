@@ -14,12 +14,14 @@ runs the callbacks; the others train their shards and follow its decisions.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -48,17 +50,29 @@ from equimodal.engine.checkpoint import CheckpointError, load_model_state, read_
 from equimodal.engine.distributed import Distributed
 from equimodal.engine.runs import load_run, remove_run_dir
 from equimodal.engine.strategy import Strategy, TrainContext, build_strategy
-from equimodal.engine.validation import SplitReport, class_prior, encode_split, evaluate_cache
+from equimodal.engine.validation import (
+    SplitReport,
+    class_prior,
+    encode_split,
+    evaluate_cache,
+    order_set_gap,
+)
 from equimodal.models.model import MultimodalModel
 
 __all__ = [
     "TrainResult",
     "Trainer",
+    "TrainingDiverged",
     "build_model",
     "load_run",
     "remove_run_dir",
     "select_device",
 ]
+
+
+class TrainingDiverged(RuntimeError):
+    """A training loss became NaN or infinite; the message names the epoch, the batch and
+    the last good checkpoint."""
 
 
 @dataclass
@@ -120,6 +134,9 @@ class Trainer:
         self.model: MultimodalModel | None = None
         self.strategy: Strategy | None = None
         self.state: FitState | None = None
+        #: True once the first training epoch has begun (or a resumed run continues):
+        #: from then on a failure keeps the run folder
+        self.training_started = False
 
     # ------------------------------------------------------------------ callbacks
     def build_callbacks(self, main: bool) -> list[Callback]:
@@ -141,13 +158,27 @@ class Trainer:
             getattr(callback, hook)(self, self.state, *args)
 
     # ------------------------------------------------------------------ helpers
-    def _evaluate(self, model, strategy, split_name: str, split, prior, device) -> SplitReport:
+    def _evaluate(
+        self,
+        model,
+        strategy,
+        split_name: str,
+        split,
+        prior,
+        device,
+        epoch: int | None = None,
+        order_gap: bool = False,
+    ) -> SplitReport:
+        """Score ``split``; ``epoch`` (per-epoch validation) seeds the permutations of a
+        sampled Shapley estimate anew each epoch, from (seed, epoch); the final scores use
+        the run's seed. ``order_gap`` adds the all-orders accuracy (:func:`order_set_gap`)."""
         tc = self.config.train
+        seed = self.config.seed if epoch is None else epoch_seed(self.config.seed, epoch)
         cache = encode_split(model, split, batch_size=tc.eval_batch_size, device=device)
         if split_name == "val":
             # only validation may tune how the model predicts; test reuses what val chose
             strategy.prepare_inference(cache)
-        return evaluate_cache(
+        report = evaluate_cache(
             model,
             cache,
             split_name,
@@ -156,9 +187,14 @@ class Trainer:
             value_kind=strategy.schedule_value,
             max_exact=tc.shapley.max_exact,
             permutations=tc.shapley.permutations,
-            seed=self.config.seed,
+            seed=seed,
             batch_size=tc.eval_batch_size,
         )
+        if order_gap:
+            report.order_gap = order_set_gap(
+                model, cache, strategy.inference_kwargs(), batch_size=tc.eval_batch_size
+            )
+        return report
 
     # ------------------------------------------------------------------ main
     def fit(self) -> TrainResult:
@@ -190,6 +226,9 @@ class Trainer:
         group.check_strategy(strategy)
         group.broadcast_model(model)  # identical start on every rank
         group.seed_rank(cfg.seed)
+        splits = {name: _split_to(data.split(name), device) for name in ("train", "val", "test")}
+        # batch norm cannot train on a shard of one row (torchrun only)
+        min_rows = 2 if group.active and _has_batch_norm(model) else 1
         strategy.setup(
             TrainContext(
                 model=model,
@@ -198,9 +237,11 @@ class Trainer:
                 num_classes=info.num_classes,
                 seed=cfg.seed,
                 grad_clip=cfg.optim.grad_clip,
+                batches_per_epoch=group.batches_per_epoch(
+                    len(splits["train"]), tc.batch_size, min_rows
+                ),
             )
         )
-        splits = {name: _split_to(data.split(name), device) for name in ("train", "val", "test")}
         for name, split in splits.items():
             if len(split) == 0:
                 raise ValueError(f"dataset {info.name!r}: the {name} split is empty")
@@ -221,15 +262,15 @@ class Trainer:
         if resumed is None:
             self._call("on_fit_start")
             if main:
-                initial = self._evaluate(model, strategy, "val", val, prior, device)
+                initial = self._evaluate(model, strategy, "val", val, prior, device, epoch=0)
                 state.history.append({"epoch": 0, "val": initial.to_dict(), **strategy.epoch_log()})
             self._follow(group, strategy)
         else:
             self._restore(state, resumed, splits)
+            self.training_started = True  # a resumed run has a checkpoint to keep
             self._call("on_fit_start")
             set_rng_state(resumed["rng"])  # last: the state right after the saved epoch
-        # batch norm cannot train on a shard of one row (torchrun only)
-        min_rows = 2 if group.active and _has_batch_norm(model) else 1
+        self.training_started = True
         for epoch in range(state.first_epoch, tc.epochs + 1):
             state.epoch = epoch
             train_logs, train_time = self._train_epoch(state, train, group, min_rows)
@@ -264,6 +305,7 @@ class Trainer:
         ):
             with group.step(shard):
                 logs = state.strategy.training_step(batch)
+            self._check_finite(logs, epoch, count + 1)
             for k, v in logs.items():
                 # under torchrun: this rank's share of the global batch's value
                 sums[k] = sums.get(k, 0.0) + (v if shard is None else v * shard.weight)
@@ -274,6 +316,23 @@ class Trainer:
             state.scheduler.step()
         return {k: v / max(count, 1) for k, v in sums.items()}, time.perf_counter() - t0
 
+    def _check_finite(self, logs: dict[str, float], epoch: int, batch: int) -> None:
+        """Stop with :class:`TrainingDiverged` when a logged loss is NaN or infinite."""
+        bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
+        if not bad:
+            return
+        last = self.run_dir / "checkpoints" / "last.safetensors" if self.run_dir else None
+        if epoch > 1 and last is not None:
+            where = f"the last good checkpoint is {last} (end of epoch {epoch - 1})"
+        elif epoch > 1:
+            where = "no checkpoint is kept (no run folder)"
+        else:
+            where = "no epoch finished, so there is no checkpoint"
+        raise TrainingDiverged(
+            f"training diverged: {bad[0]} is {logs[bad[0]]} at epoch {epoch}, batch {batch}; "
+            f"{where} (a lower optim.lr or an optim.grad_clip may help)"
+        )
+
     def _validate_epoch(
         self, state: FitState, val, prior, device, train_logs: dict[str, float], train_time: float
     ) -> None:
@@ -281,7 +340,7 @@ class Trainer:
         callbacks see the epoch."""
         model, strategy = state.model, state.strategy
         t1 = time.perf_counter()
-        report = self._evaluate(model, strategy, "val", val, prior, device)
+        report = self._evaluate(model, strategy, "val", val, prior, device, epoch=state.epoch)
         row = {
             "epoch": state.epoch,
             "train": train_logs,
@@ -315,8 +374,13 @@ class Trainer:
         metrics: dict[str, Any] = {}
         if group.is_main:
             t2 = time.perf_counter()
-            val_dict = self._evaluate(model, strategy, "val", val, prior, device).to_dict()
-            test_dict = self._evaluate(model, strategy, "test", test, prior, device).to_dict()
+            final = {"prior": prior, "device": device, "order_gap": True}
+            val_dict = self._evaluate(model, strategy, "val", val, **final).to_dict()
+            test_dict = (
+                self._evaluate(model, strategy, "test", test, **final).to_dict()
+                if cfg.train.score_test
+                else {}  # a tuning run: test is never read
+            )
             metrics = {
                 "run": cfg.run_name(),
                 "dataset": state.info.name,
@@ -332,6 +396,10 @@ class Trainer:
                 "val": val_dict,
                 "test": test_dict,
                 "versions": library_versions(),
+                # float rounding depends on them: the same machine type, threads and seed
+                # give bit-identical results
+                "threads": torch.get_num_threads(),
+                "device": str(device),
             }
             if group.active:
                 metrics["world_size"] = group.world
@@ -373,7 +441,13 @@ class Trainer:
                 f"config.yaml says {strategy.name!r}"
             )
         load_model_state(model, tensors, str(path))
-        optimizer.load_state_dict(optim_state)
+        try:
+            optimizer.load_state_dict(optim_state)
+        except ValueError as err:  # e.g. the model's parameters were regrouped since
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds an optimizer state this equimodal cannot "
+                f"continue ({err}); start the run again"
+            ) from None
         if scheduler is not None and saved.get("scheduler") is not None:
             scheduler.load_state_dict(saved["scheduler"])
         strategy.load_state_dict(meta.get("strategy_state", {}))
@@ -412,6 +486,11 @@ class Trainer:
         if not group.is_main:
             strategy.load_state_dict(state)
         return payload
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed of its own for each (run seed, epoch), e.g. for sampled Shapley permutations."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def _clone(model: torch.nn.Module) -> dict[str, torch.Tensor]:

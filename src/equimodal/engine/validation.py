@@ -9,6 +9,7 @@ The coalitions a Shapley estimate needs are known in advance and scored together
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from equimodal.balance.edm import EDMResult, edm
+from equimodal.balance.orders import all_orders
 from equimodal.balance.shapley import ShapleyResult, required_coalitions, shapley_values
 from equimodal.data.base import FeatureSplit
 from equimodal.models.model import MultimodalModel
@@ -158,6 +160,8 @@ class SplitReport:
     schedule_shapley: ShapleyResult | None = None
     edm: EDMResult | None = None
     value_kind: str = "accuracy"
+    #: the all-orders accuracy next to the order set's (:func:`order_set_gap`)
+    order_gap: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (Shapley of accuracy per modality, shares, EDM)."""
@@ -186,7 +190,34 @@ class SplitReport:
             out["edm_deviation"] = dict(
                 zip(self.modalities, map(float, self.edm.deviations), strict=True)
             )
+        if self.order_gap is not None:
+            out.update(self.order_gap)
         return out
+
+
+def order_set_gap(
+    model: MultimodalModel,
+    cache: FeatureCache,
+    inference: Mapping[str, Any],
+    max_orders: int = 720,
+    batch_size: int = 4096,
+) -> dict[str, Any] | None:
+    """How far an order set (hybrid-order inference) is from the average over all orders.
+
+    For a model whose fusion reads modalities in an order, with an inference that averages
+    over ``orders`` and ``M! <= max_orders``: ``all_orders_accuracy`` (the prediction
+    averaged over all ``M!`` orders) and ``orders_used`` (how many orders the inference
+    averages), to set beside the split's ``accuracy``. None otherwise.
+    """
+    orders = inference.get("orders")
+    names = model.modalities
+    if not model.uses_order or not orders or math.factorial(len(names)) > max_orders:
+        return None
+    every = [tuple(names[i] for i in order) for order in all_orders(len(names))]
+    rest = {k: v for k, v in inference.items() if k not in ("orders", "weights")}
+    logits = predict_logits(model, cache, orders=every, batch_size=batch_size, **rest)
+    accuracy = float((logits.argmax(1) == cache.labels).float().mean())
+    return {"all_orders_accuracy": accuracy, "orders_used": len(orders)}
 
 
 def evaluate_cache(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
+from equimodal.core.files import save_figure
 from equimodal.data.missing import drop_modalities
 from equimodal.engine.validation import FeatureCache, encode_split, predict_logits
 from equimodal.models.model import MultimodalModel
@@ -275,23 +275,28 @@ def plot_robustness(result: RobustnessResult, path: str | Path) -> Path:
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def write_robustness(result: RobustnessResult, out_dir: str | Path) -> list[Path]:
-    """Write robustness.md, .csv, .json and .png into ``out_dir``; returns the paths."""
-    from equimodal.core.files import write_json_atomic, write_text_atomic
+    """Write robustness.md, .csv, .json and .png into ``out_dir``; returns the paths.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "robustness.md", out / "robustness.csv", out / "robustness.json"]
-    write_text_atomic(paths[0], robustness_markdown(result))
-    write_text_atomic(paths[1], robustness_csv(result))
-    write_json_atomic(paths[2], json.loads(json.dumps(result.to_dict(), allow_nan=False)))
-    paths.append(plot_robustness(result, out / "robustness.png"))
-    return paths
+    The folder is written whole, under a temporary name renamed at the end: a failure (a
+    full disk) leaves the previous results, or none, never part of them.
+    """
+    from equimodal.core.files import atomic_output, write_json_atomic, write_text_atomic
+
+    final = Path(out_dir)
+    names = ["robustness.md", "robustness.csv", "robustness.json", "robustness.png"]
+    with atomic_output(final) as out:
+        out.mkdir(parents=True)
+        write_text_atomic(out / names[0], robustness_markdown(result))
+        write_text_atomic(out / names[1], robustness_csv(result))
+        write_json_atomic(out / names[2], result.to_dict())
+        plot_robustness(result, out / names[3])
+    return [final / name for name in names]
 
 
 __all__ = [

@@ -114,6 +114,11 @@ class MultimodalModel(nn.Module):
             fusion, self.modalities, dim, num_classes, **dict(fusion_options or {})
         )
 
+    @property
+    def uses_order(self) -> bool:
+        """Whether the fusion reads the modalities in an order (the memory does)."""
+        return bool(self.fusion.uses_order)
+
     # ------------------------------------------------------------------ parts
     def modality_modules(self, modality: str, with_head: bool = False) -> list[nn.Module]:
         """The encoder and projection of one modality; ``with_head`` adds the classifier
