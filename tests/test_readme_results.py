@@ -22,15 +22,15 @@ def test_readme_table_matches_the_bench_summary():
 
 
 def test_bench_summary_matches_its_run_folders():
-    from equimodal.apps.bench import paired_p_values
     from equimodal.apps.report import find_runs, load_metrics, summarize, summary_markdown
+    from equimodal.apps.stats import compare_to_reference
 
     root = ROOT / "results" / "readme"
     if not (root / "summary.md").is_file():
         pytest.skip("results/readme is not in this checkout")
     metrics = [load_metrics(r) for r in find_runs(root)]
     rows = summarize(
-        metrics, by_run_name=True, p_values=paired_p_values(metrics, "shapley_alternating")
+        metrics, by_run_name=True, comparisons=compare_to_reference(metrics, "shapley_alternating")
     )
     table = summary_markdown(rows)
     assert table.strip() in (root / "summary.md").read_text(encoding="utf-8")

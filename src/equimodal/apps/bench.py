@@ -11,7 +11,17 @@ A bench file (YAML)::
         settings: {model: {encoder: {dropout: 0.3}}}
     methods:
       - {label: shapley_alternating, strategy: {name: shapley_alternating}}
-      - {label: joint, strategy: {name: joint}, model: {fusion: concat}}
+      - {label: joint, strategy: {name: joint}, model: {fusion: concat},
+         tune: {optim.weight_decay: [0.0, 0.0001]}}   # a method's own grid (optional)
+    tune:                            # optional: the same tuning budget for every method
+      seeds: [100, 101]              # tuning seeds, disjoint from the evaluation seeds
+      budget: 4                      # trials per method (default: the whole grid)
+      grid: {optim.lr: [0.001, 0.003], model.encoder.dropout: [0.1, 0.3]}
+
+With ``tune``, every (dataset, method) first trains each of its trials on the tuning
+seeds into ``OUT/tuning/`` (``train.score_test: false``: test is never scored), the trial
+with the best mean validation accuracy is chosen (:func:`choose_settings`, recorded in
+``OUT/tuning.json``) and the evaluation runs get its settings (:func:`load_tuning`).
 
 Runs go to ``OUT/<dataset>/<label>-s<seed>/``. A run with a ``metrics.json`` is finished
 and never repeated; a killed run continues from its last complete epoch (as ``train
@@ -30,20 +40,34 @@ the tasks both ways.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import json
 import os
+import random
 import shutil
 import tempfile
-import warnings
+import traceback
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from equimodal.config import ConfigError, RunConfig, build_config, dump_config, load_yaml
+from equimodal.config import (
+    ConfigError,
+    RunConfig,
+    apply_override,
+    build_config,
+    dump_config,
+    load_yaml,
+)
+from equimodal.core.files import write_text_atomic
 
-BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness"}
+BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness", "tune"}
+TUNE_KEYS = {"seeds", "budget", "grid"}
 EXECUTORS = ("local", "ray")
 RAY_HINT = "pip install 'equimodal[distributed]' (or pip install ray)"
 
@@ -69,8 +93,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], str | None]:
-    """Expand a bench file into its runs (validated) and the reference label."""
+def load_bench(
+    path: str | Path,
+    out_dir: str | Path,
+    chosen: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> tuple[list[BenchRun], str | None]:
+    """Expand a bench file into its runs (validated) and the reference label.
+
+    ``chosen`` maps (dataset, label) to the settings tuning chose (dotted key paths), which
+    every evaluation run of that method on that dataset gets.
+    """
     spec = load_yaml(path)
     unknown = set(spec) - BENCH_KEYS
     if unknown:
@@ -104,7 +136,7 @@ def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], s
     for method in methods:
         if not isinstance(method, dict) or "strategy" not in method:
             raise ConfigError(f"bench file {str(path)!r}: every method needs a 'strategy' section")
-        method = dict(method)
+        method = {k: v for k, v in method.items() if k != "tune"}
         strategy = method["strategy"]
         label = method.pop("label", None) or (
             strategy if isinstance(strategy, str) else strategy.get("name")
@@ -120,6 +152,7 @@ def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], s
                     _merge(_merge(base, settings), method),
                     {"dataset": entry, "seed": seed, "name": label},
                 )
+                tree = with_settings(tree, (chosen or {}).get((dataset["name"], label), {}))
                 try:
                     build_config(tree)
                 except ConfigError as err:
@@ -135,6 +168,164 @@ def load_bench(path: str | Path, out_dir: str | Path) -> tuple[list[BenchRun], s
             f"({', '.join(labels)})"
         )
     return runs, reference
+
+
+# ------------------------------------------------------------------ tuning
+@dataclass(frozen=True)
+class Trial:
+    """One grid point of one method on one dataset: its settings (dotted key paths)."""
+
+    dataset: str
+    label: str
+    index: int
+    settings: dict[str, Any]
+
+
+def with_settings(tree: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with each ``key.path: value`` of ``settings`` set (a deep copy)."""
+    out = copy.deepcopy(tree)
+    for key, value in settings.items():
+        apply_override(out, key.split("."), copy.deepcopy(value))
+    return out
+
+
+def _grid(path: str | Path, where: str, grid: Any) -> list[dict[str, Any]]:
+    """The points of ``{key.path: [values]}`` in row-major order."""
+    if grid is None:
+        return [{}]
+    if not isinstance(grid, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()
+    ):
+        raise ConfigError(
+            f"bench file {str(path)!r}: {where} must map key paths to non-empty lists of values"
+        )
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def load_tuning(path: str | Path, out_dir: str | Path) -> tuple[list[Trial], list[BenchRun]]:
+    """The trials of the bench file's ``tune`` section and their runs (none without one).
+
+    ``tune: {seeds: [...], budget: N, grid: {key.path: [values]}}`` is shared by every
+    method; a method's own ``tune: {key.path: [values]}`` multiplies it. Every method gets
+    the same number of trials: ``budget`` grid points (a seeded sample when its grid is
+    larger; an error when smaller), or, without a budget, its whole grid, which must then
+    have the same size for every method. Each trial trains on every tuning seed with
+    ``train.score_test: false`` (test is never read) and no relative EDM, into
+    ``OUT/tuning/<dataset>/<label>/t<k>-s<seed>/``.
+    """
+    spec = load_yaml(path)
+    tune = spec.get("tune")
+    if tune is None:
+        return [], []
+    if not isinstance(tune, dict) or set(tune) - TUNE_KEYS:
+        raise ConfigError(f"bench file {str(path)!r}: tune takes {', '.join(sorted(TUNE_KEYS))}")
+    seeds = tune.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(x, int) and x >= 0 for x in seeds)
+    ):
+        raise ConfigError(f"bench file {str(path)!r}: tune.seeds must be a list of integers >= 0")
+    overlap = set(seeds) & set(spec.get("seeds", [0]))
+    if overlap:
+        raise ConfigError(
+            f"bench file {str(path)!r}: tuning seed {sorted(overlap)[0]} is also an evaluation "
+            "seed; tune on other seeds"
+        )
+    budget = tune.get("budget")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"bench file {str(path)!r}: tune.budget must be an integer >= 1")
+    shared = _grid(path, "tune.grid", tune.get("grid"))
+    base_runs, _ = load_bench(path, out_dir)
+    trees = {(r.dataset, r.label): r.config for r in base_runs}
+    points: dict[str, list[dict[str, Any]]] = {}
+    for method in spec.get("methods", []):
+        label = method.get("label") or (
+            method["strategy"]
+            if isinstance(method["strategy"], str)
+            else method["strategy"]["name"]
+        )
+        own = _grid(path, f"method {label!r} tune", method.get("tune"))
+        grid = [{**a, **b} for a in shared for b in own]
+        if budget is not None:
+            if len(grid) < budget:
+                raise ConfigError(
+                    f"bench file {str(path)!r}: method {label!r} has {len(grid)} grid points, "
+                    f"fewer than tune.budget {budget}"
+                )
+            rng = random.Random(zlib.crc32(label.encode()))
+            keep = sorted(rng.sample(range(len(grid)), budget))
+            grid = [grid[k] for k in keep]
+        points[label] = grid
+    sizes = {len(g) for g in points.values()}
+    if len(sizes) > 1:
+        detail = ", ".join(f"{k}: {len(v)}" for k, v in points.items())
+        raise ConfigError(
+            f"bench file {str(path)!r}: methods would get different tuning budgets ({detail} "
+            "trials); give tune.budget"
+        )
+    trials, runs = [], []
+    for (dataset, label), tree in trees.items():
+        for k, settings in enumerate(points[label]):
+            trials.append(Trial(dataset, label, k, settings))
+            for seed in seeds:
+                config = with_settings(tree, settings)
+                config = _merge(
+                    config,
+                    {"seed": seed, "train": {"score_test": False, "relative_edm": False}},
+                )
+                try:
+                    build_config(config)
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"bench file {str(path)!r}, method {label!r}, tuning {settings}: {err}"
+                    ) from None
+                run_dir = Path(out_dir) / "tuning" / dataset / label / f"t{k}-s{seed}"
+                runs.append(BenchRun(dataset, f"{label}#t{k}", seed, config, run_dir))
+    return trials, runs
+
+
+def choose_settings(
+    trials: list[Trial], runs: list[BenchRun]
+) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+    """Each (dataset, method)'s trial with the best mean validation accuracy over the
+    tuning seeds (ties: the earlier grid point); returns the choices and the record
+    (every trial's validation scores) that ``tuning.json`` holds. Only validation is read.
+    """
+    by_trial: dict[tuple[str, str, int], dict[int, float]] = {}
+    for run in runs:
+        label, k = run.label.rsplit("#t", 1)
+        metrics = load_yaml_json(run.run_dir / "metrics.json")
+        by_trial.setdefault((run.dataset, label, int(k)), {})[run.seed] = float(
+            metrics["val"]["accuracy"]
+        )
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    record: dict[str, Any] = {}
+    for trial in trials:
+        scores = by_trial.get((trial.dataset, trial.label, trial.index), {})
+        entry = record.setdefault(trial.dataset, {}).setdefault(
+            trial.label, {"trials": [], "chosen": None}
+        )
+        mean = sum(scores.values()) / len(scores) if scores else float("nan")
+        entry["trials"].append(
+            {"settings": trial.settings, "val_accuracy": scores, "mean_val_accuracy": mean}
+        )
+    for dataset, methods in record.items():
+        for label, entry in methods.items():
+            means = [t["mean_val_accuracy"] for t in entry["trials"]]
+            valid = [i for i, m in enumerate(means) if m == m]  # not NaN: the trial finished
+            if not valid:
+                continue
+            best = max(valid, key=lambda i: (means[i], -i))
+            entry["chosen"] = best
+            chosen[(dataset, label)] = entry["trials"][best]["settings"]
+    return chosen, record
+
+
+def load_yaml_json(path: Path) -> dict[str, Any]:
+    """A run's ``metrics.json`` as a dict."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
@@ -153,8 +344,14 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
     path.mkdir(parents=True, exist_ok=True)
     try:
         fit_run(Trainer(cfg, run_dir=path, progress=False, resume=resume))
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+    except BaseException as exc:
+        if (path / "checkpoints" / "last.safetensors").is_file():
+            # an epoch finished: keep it (the next bench resumes it) and say what failed
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            with contextlib.suppress(OSError):
+                write_text_atomic(path / "error.log", text)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
         raise
     return run_dir
 
@@ -338,31 +535,3 @@ def _execute_ray(
         if started:
             ray.shutdown()
     return failures
-
-
-def paired_p_values(
-    metrics: list[dict[str, Any]], reference: str, key: str = "accuracy"
-) -> dict[tuple[str, str], float]:
-    """Paired t-test over common seeds of each (dataset, label) against the reference label."""
-    from scipy.stats import ttest_rel
-
-    by: dict[tuple[str, str], dict[int, float]] = {}
-    for m in metrics:
-        by.setdefault((m["dataset"], m["run"]), {})[m["seed"]] = m["test"][key]
-    out = {}
-    for (dataset, label), scores in by.items():
-        ref = by.get((dataset, reference))
-        if label == reference or ref is None:
-            continue
-        seeds = sorted(set(scores) & set(ref))
-        if len(seeds) < 2:
-            continue
-        a = [scores[s] for s in seeds]
-        b = [ref[s] for s in seeds]
-        if a == b:
-            out[(dataset, label)] = 1.0
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # near-identical score pairs
-            out[(dataset, label)] = float(ttest_rel(a, b).pvalue)
-    return out

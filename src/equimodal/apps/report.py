@@ -20,13 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from equimodal.apps.stats import Comparison, compare_to_reference
+from equimodal.core.files import save_figure
+
 
 def find_runs(root: str | Path) -> list[Path]:
     """Run folders under ``root`` (itself included) that hold a ``metrics.json``."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"folder {str(root)!r} does not exist")
-    return sorted(p.parent for p in root.rglob("metrics.json"))
+    tuning = root / "tuning"  # a bench's tuning runs (no test scores) are not results
+    return sorted(p.parent for p in root.rglob("metrics.json") if tuning not in p.parents)
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -53,12 +57,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(
     metrics: list[dict[str, Any]],
     by_run_name: bool = False,
-    p_values: dict[tuple[str, str], float] | None = None,
+    comparisons: dict[tuple[str, str], Comparison] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (dataset, method): mean and std over seeds of the test scores.
 
     A method is (strategy, fusion), or the run name when ``by_run_name`` (bench labels);
-    ``p_values`` maps (dataset, method) to a paired test's p-value against a reference.
+    ``comparisons`` maps (dataset, method) to its paired comparison with a reference
+    (:func:`equimodal.apps.stats.compare_to_reference`, Holm-corrected).
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for m in metrics:
@@ -73,7 +78,7 @@ def summarize(
             "strategy": runs[0]["strategy"],
             "fusion": str(runs[0].get("fusion")),
             "seeds": [r["seed"] for r in runs],
-            "p_value": (p_values or {}).get((dataset, label)),
+            "comparison": (comparisons or {}).get((dataset, label)),
         }
         for key in ("accuracy", "macro_f1", "edm", "relative_edm"):
             row[key] = _mean_std([r["test"][key] for r in runs if key in r["test"]] or [math.nan])
@@ -101,24 +106,38 @@ def _pct(pair: tuple[float, float], digits: int = 2) -> str:
     return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
 
 
+def _difference(c: Comparison | None) -> tuple[str, str]:
+    """``+1.23 [+0.10, +2.36]`` points and the Holm p-value (``*``: survives)."""
+    if c is None:
+        return "-", "-"
+    diff = f"{100 * c.diff:+.2f} [{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}]"
+    return diff, f"{c.p_holm:.3f}" + (" *" if c.survives() else "")
+
+
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (percentages; Shapley shares per modality)."""
+    """The summary as a Markdown table (percentages; Shapley shares per modality).
+
+    With comparisons: the paired difference of test accuracy against the reference in
+    points with its 95 % confidence interval, and the Holm-adjusted p-value (``*``: the
+    difference survives the correction at 0.05).
+    """
     robust = any("missing_0.5" in r for r in rows)
     extra_head = " missing 0.5 % | strongest removed % |" if robust else ""
     lines = [
         "| dataset | method | seeds | test accuracy % | macro-F1 % | EDM % "
-        "| relative EDM % | Shapley share per modality % | train time s | p (paired) |"
-        + extra_head,
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if robust else ""),
+        "| relative EDM % | Shapley share per modality % | train time s "
+        "| Δ accuracy vs reference, pts [95% CI] | p (Holm) |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if robust else ""),
     ]
     for r in rows:
         shares = ", ".join(f"{n} {100 * v[0]:.0f}" for n, v in r["share"].items())
         t_mean, t_std = r["train_time_s"]
-        p_text = "-" if r["p_value"] is None else f"{r['p_value']:.3f}"
+        diff_text, p_text = _difference(r.get("comparison"))
         lines.append(
             f"| {r['dataset']} | {r['method']} | {len(r['seeds'])} "
             f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['edm'], 1)} "
-            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} | {p_text} |"
+            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} "
+            f"| {diff_text} | {p_text} |"
             + (
                 f" {_pct(r.get('missing_0.5', (math.nan, 0.0)))} "
                 f"| {_pct(r.get('strongest_removed', (math.nan, 0.0)))} |"
@@ -127,6 +146,41 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(root: Path) -> list[str]:
+    """The ``tuning.json`` of a bench as report lines: each method's trials (mean
+    validation accuracy over the tuning seeds) and the chosen one (empty without tuning)."""
+    path = root / "tuning.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text(encoding="utf-8"))
+    lines = [
+        "## Tuning (chosen on validation only)\n",
+        "Every method had the same number of trials; each trial trained on the tuning seeds "
+        "without ever scoring test, and the trial with the best mean validation accuracy was "
+        "run on the evaluation seeds.\n",
+        "| dataset | method | trial | settings | mean val accuracy % | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset, methods in sorted(record.items()):
+        for label, entry in sorted(methods.items()):
+            for k, trial in enumerate(entry["trials"]):
+                settings = ", ".join(f"{a}={b}" for a, b in trial["settings"].items()) or "-"
+                mean = trial["mean_val_accuracy"]
+                score = "-" if mean is None else f"{100 * mean:.2f}"
+                mark = "yes" if entry["chosen"] == k else ""
+                lines.append(f"| {dataset} | {label} | {k} | {settings} | {score} | {mark} |")
+    return [*lines, ""]
+
+
+def comparison_note(reference: str) -> str:
+    """The sentence under a table with comparisons: what the columns mean."""
+    return (
+        f"Δ: mean paired difference of test accuracy against {reference!r} over common seeds "
+        "(95 % t confidence interval); p: paired t-test, Holm-corrected over every comparison "
+        "of the table; * marks a difference that survives the correction at 0.05."
+    )
 
 
 def summary_csv(rows: list[dict[str, Any]]) -> str:
@@ -138,7 +192,8 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     extra = [k for k in ("missing_0.5", "strongest_removed") if any(k in r for r in rows)]
     for key in ("accuracy", "macro_f1", "edm", "relative_edm", "train_time_s", *extra):
         header += [f"{key}_mean", f"{key}_std"]
-    header += [f"share_{n}_mean" for n in share_names] + ["p_value"]
+    header += [f"share_{n}_mean" for n in share_names]
+    header += ["diff_vs_reference", "diff_ci_low", "diff_ci_high", "p_value", "p_holm", "survives"]
     writer.writerow(header)
     for r in rows:
         line = [r["dataset"], r["method"], r["strategy"], r["fusion"], len(r["seeds"])]
@@ -147,7 +202,11 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
         for key in extra:
             line += list(r.get(key, ("", "")))
         line += [r["share"][n][0] if n in r["share"] else "" for n in share_names]
-        line.append("" if r["p_value"] is None else r["p_value"])
+        c = r.get("comparison")
+        if c is None:
+            line += [""] * 6
+        else:
+            line += [c.diff, c.ci_low, c.ci_high, c.p, c.p_holm, c.survives()]
         writer.writerow(line)
     return buf.getvalue()
 
@@ -186,7 +245,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax[1].legend()
     fig.tight_layout()
     paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     if "shapley_share" in history[0]["val"]:
@@ -203,7 +262,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         paths.append(out / "shapley.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -213,7 +272,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         )
         fig.tight_layout()
         paths.append(out / "edm.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
@@ -277,7 +336,7 @@ def plot_comparison(
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         paths.append(out / f"{dataset}_accuracy_vs_edm.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
 
         # per method: Shapley share per modality per epoch (top), EDM per epoch (bottom)
@@ -314,7 +373,7 @@ def plot_comparison(
         fig.suptitle(f"{dataset}: per-epoch balance, mean over seeds", fontsize=10)
         fig.tight_layout()
         paths.append(out / f"{dataset}_balance_per_epoch.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
@@ -326,7 +385,7 @@ def is_bench_dir(path: str | Path) -> bool:
 
 def write_report(
     path: str | Path,
-    p_values: dict[tuple[str, str], float] | None = None,
+    comparisons: dict[tuple[str, str], Comparison] | None = None,
     reference: str | None = None,
 ) -> Path:
     """Render ``report.md`` (summary table and plots under ``figures/``) for a run folder,
@@ -339,14 +398,12 @@ def write_report(
         raise FileNotFoundError(f"no finished run (metrics.json) under {str(root)!r}")
     by_run_name = is_bench_dir(root)
     metrics = [load_metrics(r) for r in runs]
-    if by_run_name and p_values is None:
+    if by_run_name and comparisons is None:
         import yaml
 
-        from equimodal.apps.bench import paired_p_values
-
         reference = (yaml.safe_load((root / "bench.yaml").read_text()) or {}).get("reference")
-        p_values = paired_p_values(metrics, reference) if reference else None
-    rows = summarize(metrics, by_run_name=by_run_name, p_values=p_values)
+        comparisons = compare_to_reference(metrics, reference) if reference else None
+    rows = summarize(metrics, by_run_name=by_run_name, comparisons=comparisons)
     figures = root / "figures"
     lines = [f"# equimodal report: {root.name or root}", ""]
     lines += [
@@ -356,11 +413,12 @@ def write_report(
         summary_markdown(rows),
     ]
     if reference:
-        lines.append(f"p: paired t-test over seeds of test accuracy against {reference!r}.\n")
+        lines.append(comparison_note(reference) + "\n")
     if len(runs) == 1:
         images = plot_run(runs[0], figures)
     else:
         images = plot_comparison(runs, figures, by_run_name=by_run_name)
+    lines += tuning_markdown(root)
     lines.append("## Figures\n")
     for image in images:
         rel = image.relative_to(root)
