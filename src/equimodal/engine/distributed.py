@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -165,8 +166,15 @@ class Distributed:
         return cls(True, dist.get_rank(), dist.get_world_size(), comm, owned), device
 
     def close(self) -> None:
-        """Leave the process group if :meth:`setup` created it."""
+        """Leave the process group if :meth:`setup` created it.
+
+        After a normal end every rank waits for the others first (a rank that destroyed
+        its gloo group while another still used it could abort at exit); while an
+        exception is propagating it leaves at once (the other ranks may be gone).
+        """
         if self.active and self.owned and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
         self.active = False
 
