@@ -564,7 +564,6 @@ def bench(
         choose_settings,
         load_bench,
         load_tuning,
-        pending,
     )
     from equimodal.apps.report import (
         comparison_note,
@@ -600,15 +599,14 @@ def bench(
         _fail(_message(exc))
     if trials:
         # tuning: every method the same number of trials, chosen on validation only
-        left = pending(tuning_runs)
-        err.print(
-            f"[bold]equimodal bench[/] tuning: {len(trials)} trials, {len(tuning_runs)} runs "
-            f"({len(tuning_runs) - len(left)} already finished) -> {out_dir / 'tuning'}",
-            highlight=False,
+        _run_grid(
+            tuning_runs,
+            f"tuning: {len(trials)} trials,",
+            out_dir / "tuning",
+            jobs,
+            executor,
+            address,
         )
-        failures = _run_grid(tuning_runs, "tuning", jobs, executor, address)
-        for run, error in failures:
-            err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
         try:
             chosen, record = choose_settings(trials, tuning_runs)
             write_json_atomic(out_dir / "tuning.json", record)
@@ -624,15 +622,7 @@ def bench(
         for (dataset, label), settings in sorted(chosen.items()):
             text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(no settings)"
             err.print(f"chosen on validation: {dataset} {label}: {text}", highlight=False)
-    todo = pending(runs)
-    err.print(
-        f"[bold]equimodal bench[/] {len(runs)} runs ({len(runs) - len(todo)} already finished) "
-        f"-> {out_dir}",
-        highlight=False,
-    )
-    failures = _run_grid(runs, "bench", jobs, executor, address)
-    for run, error in failures:
-        err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+    failures = _run_grid(runs, "", out_dir, jobs, executor, address)
     from equimodal.apps.report import write_report
 
     try:  # each file is written whole or not at all (a full disk ends here in one line)
@@ -659,11 +649,20 @@ def bench(
         raise typer.Exit(code=1)
 
 
-def _run_grid(runs, name: str, jobs: int, executor: str, address: str | None):
-    """Train the pending ``runs`` with a progress bar; returns the failures."""
+def _run_grid(runs, what: str, where: Path, jobs: int, executor: str, address: str | None):
+    """Announce the grid, train its pending ``runs`` with a progress bar, report the
+    failures; returns them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from equimodal.apps.bench import execute, pending
+
+    todo = pending(runs)
+    err.print(
+        f"[bold]equimodal bench[/] {what} {len(runs)} runs ({len(runs) - len(todo)} already "
+        f"finished) -> {where}".replace("  ", " "),
+        highlight=False,
+    )
+    name = "tuning" if what else "bench"
 
     with Progress(
         TextColumn("{task.description}"),
@@ -680,7 +679,10 @@ def _run_grid(runs, name: str, jobs: int, executor: str, address: str | None):
                 task, advance=1, description=f"{run.dataset} {run.label} s{run.seed} {state}"
             )
 
-        return execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
+        failures = execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
+    for run, error in failures:
+        err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
+    return failures
 
 
 @app.command()
