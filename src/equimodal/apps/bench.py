@@ -40,7 +40,6 @@ the tasks both ways.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -48,7 +47,6 @@ import os
 import random
 import shutil
 import tempfile
-import traceback
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -64,7 +62,6 @@ from equimodal.config import (
     dump_config,
     load_yaml,
 )
-from equimodal.core.files import write_text_atomic
 
 BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness", "tune"}
 TUNE_KEYS = {"seeds", "budget", "grid"}
@@ -93,6 +90,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _seed_list(path: str | Path, where: str, seeds: Any) -> list[int]:
+    """``seeds`` if it is a non-empty list of integers >= 0; ConfigError otherwise."""
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and s >= 0 for s in seeds)
+    ):
+        raise ConfigError(
+            f"bench file {str(path)!r}: {where} must be a non-empty list of integers >= 0"
+        )
+    return seeds
+
+
+def _method_label(method: dict[str, Any]) -> str:
+    """A method's label: its own, else its strategy's name."""
+    strategy = method["strategy"]
+    return method.get("label") or (strategy if isinstance(strategy, str) else strategy.get("name"))
+
+
 def load_bench(
     path: str | Path,
     out_dir: str | Path,
@@ -110,15 +126,7 @@ def load_bench(
             f"bench file {str(path)!r}: unknown key {sorted(unknown)[0]!r}; "
             f"valid keys: {', '.join(sorted(BENCH_KEYS))}"
         )
-    seeds = spec.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and s >= 0 for s in seeds)
-    ):
-        raise ConfigError(
-            f"bench file {str(path)!r}: seeds must be a non-empty list of integers >= 0"
-        )
+    seeds = _seed_list(path, "seeds", spec.get("seeds", [0]))
     datasets = [d if isinstance(d, dict) else {"name": d} for d in spec.get("datasets", [])]
     for d in datasets:
         extra = set(d) - {"name", "options", "settings"}
@@ -136,11 +144,8 @@ def load_bench(
     for method in methods:
         if not isinstance(method, dict) or "strategy" not in method:
             raise ConfigError(f"bench file {str(path)!r}: every method needs a 'strategy' section")
-        method = {k: v for k, v in method.items() if k != "tune"}
-        strategy = method["strategy"]
-        label = method.pop("label", None) or (
-            strategy if isinstance(strategy, str) else strategy.get("name")
-        )
+        label = _method_label(method)
+        method = {k: v for k, v in method.items() if k not in ("tune", "label")}
         if label in labels:
             raise ConfigError(f"bench file {str(path)!r}: method label {label!r} is used twice")
         labels.append(label)
@@ -220,13 +225,7 @@ def load_tuning(path: str | Path, out_dir: str | Path) -> tuple[list[Trial], lis
         return [], []
     if not isinstance(tune, dict) or set(tune) - TUNE_KEYS:
         raise ConfigError(f"bench file {str(path)!r}: tune takes {', '.join(sorted(TUNE_KEYS))}")
-    seeds = tune.get("seeds")
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(x, int) and x >= 0 for x in seeds)
-    ):
-        raise ConfigError(f"bench file {str(path)!r}: tune.seeds must be a list of integers >= 0")
+    seeds = _seed_list(path, "tune.seeds", tune.get("seeds"))
     overlap = set(seeds) & set(spec.get("seeds", [0]))
     if overlap:
         raise ConfigError(
@@ -241,11 +240,7 @@ def load_tuning(path: str | Path, out_dir: str | Path) -> tuple[list[Trial], lis
     trees = {(r.dataset, r.label): r.config for r in base_runs}
     points: dict[str, list[dict[str, Any]]] = {}
     for method in spec.get("methods", []):
-        label = method.get("label") or (
-            method["strategy"]
-            if isinstance(method["strategy"], str)
-            else method["strategy"]["name"]
-        )
+        label = _method_label(method)
         own = _grid(path, f"method {label!r} tune", method.get("tune"))
         grid = [{**a, **b} for a in shared for b in own]
         if budget is not None:
@@ -296,7 +291,7 @@ def choose_settings(
     by_trial: dict[tuple[str, str, int], dict[int, float]] = {}
     for run in runs:
         label, k = run.label.rsplit("#t", 1)
-        metrics = load_yaml_json(run.run_dir / "metrics.json")
+        metrics = json.loads((run.run_dir / "metrics.json").read_text(encoding="utf-8"))
         by_trial.setdefault((run.dataset, label, int(k)), {})[run.seed] = float(
             metrics["val"]["accuracy"]
         )
@@ -323,16 +318,12 @@ def choose_settings(
     return chosen, record
 
 
-def load_yaml_json(path: Path) -> dict[str, Any]:
-    """A run's ``metrics.json`` as a dict."""
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
     """Train one run into ``run_dir`` (in a worker process); returns the folder."""
     import torch
 
     from equimodal.analysis.relative_edm import fit_run
+    from equimodal.engine.runs import write_error_log
     from equimodal.engine.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -347,9 +338,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int) -> str:
     except BaseException as exc:
         if (path / "checkpoints" / "last.safetensors").is_file():
             # an epoch finished: keep it (the next bench resumes it) and say what failed
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            with contextlib.suppress(OSError):
-                write_text_atomic(path / "error.log", text)
+            write_error_log(path, exc)
         else:
             shutil.rmtree(path, ignore_errors=True)
         raise

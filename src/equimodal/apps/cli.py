@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -244,6 +243,7 @@ def _guarded_fit(trainer, run_dir: Path, new_parents: list[Path] | None = None):
     running is lost, ``--resume`` continues from the last complete one).
     """
     from equimodal.analysis.relative_edm import fit_run
+    from equimodal.engine.runs import write_error_log
     from equimodal.engine.trainer import TrainingDiverged, remove_run_dir
 
     last = run_dir / "checkpoints" / "last.safetensors"
@@ -277,7 +277,7 @@ def _guarded_fit(trainer, run_dir: Path, new_parents: list[Path] | None = None):
                 _fail(_message(exc))
             if new_parents is not None:
                 raise
-        _write_error_log(run_dir, exc)
+        write_error_log(run_dir, exc)
         diverged = isinstance(exc, TrainingDiverged)  # its message names the checkpoint
         kind = "" if diverged else f"{type(exc).__name__}: "
         then = "" if diverged else f"; {how_to_continue()}"
@@ -290,15 +290,6 @@ def _guarded_fit(trainer, run_dir: Path, new_parents: list[Path] | None = None):
         # bad input met during training (a corrupt file, a full disk) is still exit code 2
         code = 2 if isinstance(exc, USER_ERRORS) and not diverged else 1
         raise typer.Exit(code=code) from None
-
-
-def _write_error_log(run_dir: Path, exc: BaseException) -> None:
-    """The error and its traceback in ``RUN/error.log`` (best effort: the disk may be full)."""
-    from equimodal.core.files import write_text_atomic
-
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    with contextlib.suppress(OSError):
-        write_text_atomic(run_dir / "error.log", text)
 
 
 def _resume_run(run_dir: Path, quiet: bool) -> None:

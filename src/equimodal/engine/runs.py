@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import traceback
 from pathlib import Path
 
 import torch
 
 from equimodal.config import RunConfig, build_config, load_yaml
+from equimodal.core.files import write_text_atomic
 from equimodal.data.base import MultimodalData
 from equimodal.data.registry import load_dataset
 from equimodal.engine.build import build_model
@@ -48,3 +51,10 @@ def remove_run_dir(run_dir: Path) -> None:
     """Delete a run folder that was created by this process and holds no finished run."""
     if run_dir.exists() and not (run_dir / "metrics.json").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_error_log(run_dir: Path, exc: BaseException) -> None:
+    """The error and its traceback in ``RUN/error.log`` (best effort: the disk may be full)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    with contextlib.suppress(OSError):
+        write_text_atomic(Path(run_dir) / "error.log", text)
