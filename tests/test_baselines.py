@@ -57,8 +57,11 @@ def test_ogm_ge_scales_only_the_dominant_encoder(small_config, noise):
     for m in data.modalities:
         k = 1 - math.tanh(0.8 * ratios[m]) if m in dominant else 1.0
         assert logs[f"coef_{m}"] == pytest.approx(k)
-        for g_plain, g_mod in zip(plain[m], modulated[m], strict=True):
-            if noise:
+        params = model.modality_parameters(m)
+        for p, g_plain, g_mod in zip(params, plain[m], modulated[m], strict=True):
+            if p.dim() < 2:  # biases and norms: never modulated, as the official code
+                torch.testing.assert_close(g_mod, g_plain)
+            elif noise:
                 assert not torch.allclose(g_mod, k * g_plain)  # GE noise on every encoder
             else:
                 torch.testing.assert_close(g_mod, k * g_plain)

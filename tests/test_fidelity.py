@@ -1,4 +1,4 @@
-"""Fidelity to the official code of AGM and MLA: each rule recomputed by hand.
+"""Fidelity to the official code of AGM, MLA and OGM-GE: each rule recomputed by hand.
 
 AGM (github.com/lihong2303/AGM_ICCV2023, ``model/CREMAD_net.py`` and ``run/CREMAD_main.py``;
 three modalities: ``model/URFunny_net.py``): the full output in training mode, every masked
@@ -9,6 +9,10 @@ MLA (github.com/Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptati
 ``GSPlugin`` in ``utils/utils.py``): one projector, updated with the current modality's
 batch-mean feature before each unimodal step, Frobenius-normalised, with
 ``alpha_t = 0.1 ** (1 + i / n)``; the head weight's gradient is replaced by ``grad P^T``.
+
+OGM-GE (github.com/GeWu-Lab/OGM-GE_CVPR2022, ``train_epoch`` of ``main.py``): the fused
+loss's gradients, the encoder tensors scaled by ``1 - tanh(alpha rho)`` for the dominant
+modality, Gaussian noise with the gradient's standard deviation on every encoder.
 """
 
 from __future__ import annotations
@@ -286,6 +290,173 @@ def test_mla_counts_the_batches_of_the_first_epoch_and_resumes_from_json():
         twin.training_step(batch)
         torch.testing.assert_close(twin.projector, strategy.projector, atol=0, rtol=0)
     assert twin.updates == strategy.updates == 12
+
+
+# ---------------------------------------------------------------------------- OGM-GE
+def ogm_ge_step_by_hand(model, batch, alpha: float, noise: bool, seed: int):
+    """``train_epoch`` of the official ``main.py``, written out for M modalities: the fused
+    loss's gradients, then every encoder tensor of rank >= 2 scaled by ``k_m`` plus
+    ``N(0, std + 1e-8)``; biases and norms untouched. Returns the gradients and ``k``."""
+    torch.manual_seed(seed)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    z = model.encode(batch)
+    logits = model.fuse(z, batch.present).logits
+    F.cross_entropy(logits, batch.labels).backward()
+    weights = model.decision_weights()
+    bias = model.head_parameters()[1]
+    score = {}
+    for m in model.modalities:  # the official out_a = a @ W[:, :d].T + fc_out.bias / 2
+        own = z[m].detach() @ weights[m].detach().T + bias.detach() / len(model.modalities)
+        score[m] = float(torch.softmax(own, 1)[torch.arange(len(batch.labels)), batch.labels].sum())
+    k = {}
+    for m in model.modalities:
+        others = [score[o] for o in model.modalities if o != m]
+        rho = score[m] / (sum(others) / len(others))
+        k[m] = 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
+    grads = {}
+    for m in model.modalities:
+        for p in model.modality_parameters(m):
+            g = p.grad.clone()
+            if p.dim() >= 2:
+                std = g.std().item()
+                g = g * k[m]
+                if noise:
+                    g = g + torch.zeros_like(g).normal_(0, std + 1e-8)
+            grads[id(p)] = g
+    model.zero_grad(set_to_none=True)
+    return grads, k
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+@pytest.mark.parametrize("noise", [True, False])
+def test_ogm_ge_step_is_the_official_one_with_dropout_on(modalities, noise):
+    extra = ["model.encoder.dropout=0.3", "model.fusion=concat", f"strategy.noise={noise}"]
+    config = config_for("ogm_ge", modalities, extra=extra)
+    data, model, strategy = setup_strategy(config)  # lr 0: the parameters stay
+    strategy.on_epoch_start(1)
+    for t, batch in enumerate(first_batches(data, 2)):
+        grads, k = ogm_ge_step_by_hand(model, batch, 0.8, noise, seed=200 + t)
+        assert any(v < 1 for v in k.values())  # someone dominates: the rule is exercised
+        torch.manual_seed(200 + t)
+        logs = strategy.training_step(batch)
+        for m in model.modalities:
+            assert logs[f"coef_{m}"] == pytest.approx(k[m], rel=1e-5)
+            params = model.modality_parameters(m)
+            assert any(p.dim() == 1 for p in params)  # biases and norms are in the check
+            for p in params:
+                torch.testing.assert_close(p.grad, grads[id(p)], atol=1e-6, rtol=1e-4)
+
+
+def test_ogm_ge_modulates_epochs_1_to_51_by_default():
+    """The official ``modulation_starts 0 <= epoch <= modulation_ends 50``, 0-based."""
+    config = config_for("ogm_ge", 2)
+    data, model, strategy = setup_strategy(config)
+    batch = first_batches(data, 1)[0]
+    for epoch, modulated in [(1, True), (51, True), (52, False)]:
+        strategy.on_epoch_start(epoch)
+        assert ("ratio_m0" in strategy.training_step(batch)) is modulated, epoch
+
+
+# ---------------------------------------------------------------------------- UDI
+# No official code: the abstract (arXiv 2509.02281) fixes three things a test can hold the
+# reconstruction to: no joint loss, the anchor trained first and then left alone, and the
+# other modalities guided by the anchor's representations (information flows one way).
+def udi_stage1_grads_by_hand(model, batch, anchor, config, seed):
+    """The stage-1 loss written out: per follower ``CE + w (l_con JS + l_com InfoNCE)`` with
+    ``w = (1 + cos(d JS / d z_m, d InfoNCE / d z_m)) / 2``; the anchor in eval mode."""
+    from equimodal.strategies.udi import infonce_mutual_information
+
+    torch.manual_seed(seed)
+    model.train()
+    for module in model.modality_modules(anchor, with_head=True):
+        module.eval()
+    with torch.no_grad():
+        z_a = model.encode_modality(anchor, batch.inputs[anchor])
+        p_a = torch.softmax(model.modality_logits(anchor, z_a), 1)
+    total = 0.0
+    for m in model.modalities:
+        if m == anchor:
+            continue
+        z_m = model.encode_modality(m, batch.inputs[m])
+        logits = model.modality_logits(m, z_m)
+        p_m = torch.softmax(logits, 1)
+        mix = (p_a + p_m) / 2
+        js = 0.5 * ((p_a * (p_a / mix).log()).sum(1) + (p_m * (p_m / mix).log()).sum(1)).mean()
+        mi = infonce_mutual_information(z_m, z_a, config.strategy.temperature)
+        g_js = torch.autograd.grad(js, z_m, retain_graph=True)[0].flatten()
+        g_mi = torch.autograd.grad(mi, z_m, retain_graph=True)[0].flatten()
+        w = float((1 + g_js @ g_mi / (g_js.norm() * g_mi.norm())) / 2)
+        cfg = config.strategy
+        loss = F.cross_entropy(logits, batch.labels)
+        total = total + loss + w * (cfg.consistency_weight * js + cfg.complementarity_weight * mi)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return dict(zip(params, parameter_grads(total, params), strict=True))
+
+
+def test_udi_stage1_is_the_stated_loss_with_dropout_on_and_the_anchor_untouched():
+    extra = ["model.encoder.dropout=0.3"]
+    config = config_for("udi", 3, extra=extra)
+    data, model, strategy = setup_strategy(config)  # lr 0: the parameters stay
+    strategy.load_state_dict({"anchor": "m0", "anchor_epoch": 1})  # stage 1, m0 frozen
+    anchor_params = model.modality_parameters("m0", with_head=True)
+    assert not any(p.requires_grad for p in anchor_params)
+    for t, batch in enumerate(first_batches(data, 2)):
+        expected = udi_stage1_grads_by_hand(model, batch, "m0", config, seed=300 + t)
+        torch.manual_seed(300 + t)
+        model.train()
+        logs = strategy.training_step(batch)
+        assert 0.0 < logs["weight_m1"] < 1.0 and 0.0 < logs["weight_m2"] < 1.0
+        for p, g in expected.items():
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+        # one way only: no gradient reaches the anchor's encoder, projection or head
+        assert all(p.grad is None for p in anchor_params)
+
+
+# ---------------------------------------------------------- decision calibration
+# Our formula (the paper asks for adaptive weights at the decision layer, without one):
+# ``sum_m w_m(c) z_m / tau_m``, fitted on validation by NLL; joint training underneath.
+def test_calibrated_decision_by_hand_with_a_missing_modality():
+    from equimodal.balance.decision import Calibration, apply_calibration
+
+    torch.manual_seed(0)
+    logits = {m: torch.randn(5, 4) for m in ("a", "b", "c")}
+    present = {m: torch.ones(5, dtype=torch.bool) for m in logits}
+    present["b"][2] = False
+    weight = 3 * torch.softmax(torch.randn(3, 4), 0)
+    calibration = Calibration(("a", "b", "c"), torch.tensor([0.5, 2.0, 1.3]), weight)
+    got = apply_calibration(logits, present, calibration)
+    for i in range(5):
+        expected = sum(
+            weight[k] * logits[m][i] / calibration.temperature[k]
+            for k, m in enumerate(("a", "b", "c"))
+            if present[m][i]
+        )
+        torch.testing.assert_close(got[i], expected)
+
+
+def test_calibration_fit_is_a_stationary_point_of_the_validation_nll():
+    from equimodal.balance.decision import apply_calibration, fit_calibration
+
+    torch.manual_seed(1)
+    labels = torch.randint(0, 4, (300,))
+    signal = F.one_hot(labels, 4).float()
+    logits = {  # a confident, noisy modality and a weak one
+        "a": 8 * signal + 4 * torch.randn(300, 4),
+        "b": 0.5 * signal + 0.5 * torch.randn(300, 4),
+    }
+    present = {m: torch.ones(300, dtype=torch.bool) for m in logits}
+    calibration = fit_calibration(logits, labels, steps=200)
+    log_tau = calibration.temperature.log().clone().requires_grad_(True)
+    raw = calibration.weight.log().clone().requires_grad_(True)  # softmax pre-image
+    weight = 2 * torch.softmax(raw, 0)
+    fused = sum(weight[k] * logits[m] / log_tau[k].exp() for k, m in enumerate(("a", "b")))
+    nll = F.cross_entropy(fused, labels)
+    grads = torch.autograd.grad(nll, [log_tau, raw])
+    assert max(float(g.abs().max()) for g in grads) < 1e-3
+    plain = F.cross_entropy(logits["a"] + logits["b"], labels)
+    assert float(nll.detach()) < float(plain) - 0.05  # better than the uncalibrated sum
+    torch.testing.assert_close(apply_calibration(logits, present, calibration), fused.detach())
 
 
 # ---------------------------------------------------------------------------- both

@@ -1,4 +1,4 @@
-"""AGM's competition strength (Li et al., ICCV 2023; METHODS.md §2.1).
+"""AGM's competition strength (Li et al., ICCV 2023).
 
 How much of a modality's own knowledge survives fusion. The *mono-modal concept* ``U_m``
 is the feature a separately trained unimodal model of ``m`` gives each sample. A ridge

@@ -1,4 +1,4 @@
-"""Decision-layer diagnostics and calibration (METHODS.md §2.3; seed 004).
+"""Decision-layer diagnostics and calibration (after Ma et al., arXiv 2510.14411).
 
 Seed 004 finds modality imbalance in the decision layer itself (feature norms, decision
 weight norms) and recommends adaptive weight allocation there, without a formula.

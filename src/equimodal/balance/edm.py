@@ -1,4 +1,4 @@
-"""Equilibrium Deviation Metric (EDM) and relative EDM (METHODS §1.6, our formula).
+"""Equilibrium Deviation Metric (EDM) and relative EDM (our formula).
 
 The paper (arXiv 2506.00030) introduces EDM without a public formula. Ours [our choice]:
 from Shapley values ``phi_m`` of accuracy, the contribution shares

@@ -1,5 +1,5 @@
-"""Modality orders: ranking for the alternating schedule (METHODS §1.4) and order sets for
-hybrid-order inference (METHODS §1.5).
+"""Modality orders: ranking for the alternating schedule and order sets for
+hybrid-order inference.
 
 An order is a tuple of modality indices ``0..M-1``, first-read modality first.
 """
@@ -42,7 +42,7 @@ def hybrid_order_set(
     max_orders: int = 24,
     seed: int = 0,
 ) -> list[Order]:
-    """Orders for hybrid-order inference (METHODS §1.5).
+    """Orders for hybrid-order inference.
 
     All ``M!`` orders (lexicographic) while ``M! <= max_orders``. Otherwise [our choice]:
     the M cyclic shifts of ``base_order`` (identity by default) followed by distinct random

@@ -1,4 +1,4 @@
-"""Shapley values of modalities (players) for a coalition value function (METHODS §1.4).
+"""Shapley values of modalities (players) for a coalition value function.
 
 Coalitions are bitmasks over players ``0..M-1`` (bit ``i`` set: player ``i`` is in). The
 value function is called once per distinct coalition; the model side (``equimodal.

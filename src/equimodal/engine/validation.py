@@ -1,7 +1,7 @@
 """Scoring a model on a split: accuracy, macro-F1, loss, Shapley values and EDM.
 
 Encoders run once per sample (``encode_split``); every coalition of modalities is then
-scored from the cached features, running only the fusion and the head (METHODS §1.4).
+scored from the cached features, running only the fusion and the head.
 The coalitions a Shapley estimate needs are known in advance and scored together
 (:func:`predict_coalition_logits`): the memory fusion runs each distinct prefix of every
 (coalition, order) once, in one batched pass per chain position.

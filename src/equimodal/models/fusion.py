@@ -9,7 +9,7 @@ modality not passed, or absent for a sample, is handled in the fusion's document
 * ``late``: one linear head per modality, logits = mean of the present heads;
 * ``shared``: one linear head for every modality, logits = (weighted) mean over the
   present modalities of ``head(z_m)``;
-* ``memory``: skipped in the memory chain (METHODS §1.2), one linear head on the state.
+* ``memory``: skipped in the memory chain, one linear head on the state.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class SharedHeadFusion(Fusion):
 
 @FUSIONS.register()
 class MemoryFusion(Fusion):
-    """The cross-modal memory chain (METHODS §1.2) with a linear head ``g`` on its state.
+    """The cross-modal memory chain with a linear head ``g`` on its state.
 
     In evaluation, several orders (hybrid-order inference) are one batched computation:
     orders stacked on the batch axis for small inputs, the prefix tree of

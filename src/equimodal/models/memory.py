@@ -1,4 +1,4 @@
-"""The cross-modal memory of METHODS.md §1.2 ("refine and inherit").
+"""The cross-modal memory of arXiv 2506.00030 ("refine and inherit").
 
 The memory reads the modalities of a sample in an order and carries a state ``h`` of
 width ``d`` from one modality to the next:
@@ -16,7 +16,7 @@ A modality absent for a sample is skipped in that sample's chain (an identity st
 same code evaluates missing modalities, coalitions of modalities (Shapley values) and
 several orders at once (orders stacked on the batch axis).
 
-Our choices (METHODS marks them), each a constructor option:
+Our choices (the paper leaves them open), each a constructor option:
 
 * ``C`` is computed on each training batch without gradient and kept as an exponential
   moving average (momentum ``stat_momentum``, 0.9; identity before any training), which

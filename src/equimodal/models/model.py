@@ -57,7 +57,7 @@ def induce_orders(
 
 
 class Projection(nn.Module):
-    """``z = LayerNorm(W f + b)``: an encoder feature mapped to the common width (METHODS §1.1)."""
+    """``z = LayerNorm(W f + b)``: an encoder feature mapped to the common width."""
 
     def __init__(self, in_dim: int, dim: int) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """Many coalitions and orders through the memory chain in one batched computation.
 
 Shapley values under hybrid-order inference need, for every coalition ``S``, the memory
-state averaged over the orders of the order set restricted to ``S`` (METHODS §1.4-1.5).
+state averaged over the orders of the order set restricted to ``S``.
 Run one coalition at a time, the chain recomputes the same prefixes again and again:
 the state after reading ``(a, b)`` is the same whether the chain goes on with ``c`` or
 stops. This module evaluates the chain once per *distinct prefix*:

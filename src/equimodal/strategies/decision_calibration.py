@@ -1,5 +1,5 @@
-"""``decision_calibration``: joint training plus a calibrated decision layer (seed 004;
-METHODS.md §2.3, our choice of formula).
+"""``decision_calibration``: joint training plus a calibrated decision layer (after
+Ma et al., arXiv 2510.14411; the formula is ours).
 
 Training is ``joint``. Each time the validation split is scored, per-modality
 temperatures ``tau_m`` and per-class weights ``w_m(c)`` (positive, summing to ``M`` per

@@ -1,14 +1,33 @@
 """``ogm_ge``: on-the-fly gradient modulation with generalisation enhancement
-(Peng et al., CVPR 2022; METHODS.md §2.4).
+(Peng, Wei, Deng, Wang, Hu, *Balanced Multimodal Learning via On-the-fly Gradient
+Modulation*, CVPR 2022; official code github.com/GeWu-Lab/OGM-GE_CVPR2022, ``train_epoch``
+of ``main.py``).
 
-Each batch: ``s_m`` = sum over the batch of the softmax probability of the true class from
-modality ``m``'s own logits; ``rho_m = s_m / mean_{k != m} s_k`` (for two modalities the
-ratio of the paper). A modality with ``rho_m > 1`` dominates: its encoder gradients are
-multiplied by ``k_m = 1 - tanh(alpha * rho_m)``; the others keep ``k = 1``. With ``noise``
-(the GE part), every modality's encoder gradients also get Gaussian noise with the standard
-deviation of that gradient. Modulation runs in epochs ``modulation_start..modulation_end``
-(1-based, inclusive; by default the first half of a 100-epoch run).
-Defined for any number of modalities through the mean of the others (our generalisation).
+Each batch, after the backward pass of the fused loss: ``s_m`` = sum over the batch of the
+softmax probability of the true class from modality ``m``'s own logits (its block of the
+head plus ``b / M``, the official ``fc_out.bias / 2``); ``rho_m = s_m / mean_{k != m} s_k``
+(for two modalities the official ``score_v / score_a``). A modality with ``rho_m > 1``
+dominates: the gradients of its encoder's weight tensors are multiplied by
+``k_m = 1 - tanh(alpha * rho_m)``; the others keep ``k = 1``. With ``noise`` (the GE
+part), every modality's modulated tensors also get Gaussian noise ``N(0, std(g) + 1e-8)``
+with ``std`` the (unbiased) standard deviation of that gradient before scaling. Modulation
+runs in epochs ``modulation_start..modulation_end`` (1-based, inclusive); the defaults
+1..51 are the official ``--modulation_starts 0 --modulation_ends 50`` on its 0-based
+epochs. ``alpha`` 0.8 is the official recommendation for CREMA-D.
+
+Which tensors: the official code modulates the encoder parameters whose gradient has 4
+dimensions, i.e. the convolution kernels of its ResNet-18 encoders, and leaves biases and
+batch-norm parameters alone. Here the rule is "tensors of rank >= 2 of the modality's
+encoder and projection": the convolution kernels of a CNN encoder as in the official code,
+plus the linear weights of MLP / sequence / text encoders and of the projection, which the
+official networks do not have (an MLP has no 4-d tensor, so the literal rule would modulate
+nothing). Biases and normalisation parameters are never modulated.
+
+Ours: any number of modalities, through the mean of the others. With two modalities whose
+ratios are exactly 1 the official code still modulates audio (with ``k = 1 - tanh(alpha)``);
+here neither is (a tie of two floating-point sums). The official sum fusion has one linear
+layer per modality; equimodal's ``sum`` shares one head, whose unimodal logits are
+``W z_m + b / M``.
 """
 
 from __future__ import annotations
@@ -21,6 +40,7 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
+from equimodal.models.model import MultimodalModel
 from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
 
 
@@ -28,10 +48,12 @@ class OGMGEConfig(StrategyConfig):
     """Options of ``ogm_ge``."""
 
     name: Literal["ogm_ge"] = "ogm_ge"
-    alpha: float = Field(0.8, ge=0.0)
-    modulation_start: int = Field(1, ge=1)
-    modulation_end: int = Field(50, ge=0)
-    noise: bool = True
+    alpha: float = Field(0.8, ge=0.0, description="modulation strength (official CREMA-D: 0.8)")
+    modulation_start: int = Field(1, ge=1, description="first modulated epoch (1-based)")
+    modulation_end: int = Field(
+        51, ge=0, description="last modulated epoch (1-based, inclusive; official 0..50)"
+    )
+    noise: bool = Field(True, description="add the GE Gaussian noise (False: plain OGM)")
 
 
 def modulation_coefficients(
@@ -46,6 +68,12 @@ def modulation_coefficients(
         ratios[m] = rho
         coefficients[m] = 1.0 - math.tanh(alpha * rho) if rho > 1 else 1.0
     return ratios, coefficients
+
+
+def modulated_parameters(model: MultimodalModel, modality: str) -> list[torch.nn.Parameter]:
+    """The tensors OGM-GE modulates: rank >= 2 parameters of the modality's encoder and
+    projection (convolution kernels and linear weights; not biases or norms)."""
+    return [p for p in model.modality_parameters(modality) if p.dim() >= 2]
 
 
 @register_strategy
@@ -90,7 +118,7 @@ class OGMGEStrategy(Strategy):
 
         def modulate() -> None:
             for m, k in coefficients.items():
-                for p in ctx.model.modality_parameters(m):
+                for p in modulated_parameters(ctx.model, m):
                     if p.grad is None:
                         continue
                     std = float(p.grad.std()) if p.grad.numel() > 1 else 0.0

@@ -1,5 +1,5 @@
 """``shapley_alternating``: Shapley-guided adaptive alternating training with cross-modal
-memory (arXiv 2506.00030; spec: METHODS.md §1.3-1.5).
+memory (arXiv 2506.00030).
 
 Each epoch has an order of the modalities. With ``alternate_every: batch`` (default),
 every mini-batch is trained in M steps: step k encodes modality ``pi_k`` with gradients,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class ShapleyAlternatingConfig(StrategyConfig):
-    """Options of ``shapley_alternating`` (METHODS §1.3-1.5)."""
+    """Options of ``shapley_alternating``."""
 
     name: Literal["shapley_alternating"] = "shapley_alternating"
     alternate_every: Literal["batch", "epoch"] = "batch"

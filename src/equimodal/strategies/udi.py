@@ -1,4 +1,5 @@
-"""``udi``: unidirectional dynamic interaction (Wang et al., arXiv 2509.02281; METHODS.md §2.2).
+"""``udi``: unidirectional dynamic interaction (Wang et al., arXiv 2509.02281;
+see docs/methods.md).
 
 **A reconstruction.** Only the paper's abstract and third-party reviews are public; what
 follows is equimodal's reading, and the parts marked *ours* are our choices.
