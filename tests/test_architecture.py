@@ -20,13 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "equimodal"
 BUILTIN_STRATEGIES = (
     "agm",
+    "amco",
+    "cml",
     "decision_calibration",
+    "gblending",
+    "greedy",
     "joint",
+    "lfm",
+    "mbsd",
     "mla",
+    "mmcosine",
+    "mmpareto",
     "ogm_ge",
+    "opm",
+    "pmr",
+    "reconboost",
+    "relearning",
     "shapley_alternating",
     "udi",
+    "umt",
     "unimodal",
+    "valuation",
 )
 
 

@@ -52,5 +52,7 @@ ENCODERS: Registry[Any] = Registry(
     group="equimodal.encoders",
 )
 FUSIONS: Registry[Any] = Registry(
-    "fusion", builtins=("equimodal.models.fusion",), group="equimodal.fusions"
+    "fusion",
+    builtins=("equimodal.models.fusion", "equimodal.models.greedy_fusion"),
+    group="equimodal.fusions",
 )

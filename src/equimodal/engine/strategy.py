@@ -152,6 +152,12 @@ class Strategy:
         """True right after ``on_epoch_end`` started a new stage: early stopping counts anew."""
         return False
 
+    def restarts_selection(self) -> bool:
+        """True right after ``on_epoch_end`` started a stage whose epochs the loop compares
+        only among themselves when it keeps the best model (``umt``'s student: its teacher
+        stage scores another model, the teachers' ensemble)."""
+        return False
+
     def epoch_log(self) -> dict[str, Any]:
         """Extra fields for this epoch's line of ``history.jsonl`` (e.g. the order used)."""
         return {}

@@ -358,6 +358,10 @@ class Trainer:
             state.best_strategy = strategy.state_dict()
         self._call("on_validation_end", report)
         strategy.on_epoch_end(state.epoch, report)
+        if strategy.restarts_selection():
+            # the new stage's epochs compete among themselves; the best so far stays
+            # selected until one of them is scored
+            state.best_key = (-1.0, float("inf"))
         row.update(strategy.epoch_log())
         row["best"] = state.improved
         state.history.append(row)
@@ -464,7 +468,8 @@ class Trainer:
     def _restore(self, state: FitState, saved: dict[str, Any], splits: dict[str, Any]) -> None:
         state.resumed = True
         state.history = saved["history"]
-        state.best_key = (float(saved["best_key"][0]), float(saved["best_key"][1]))
+        accuracy, loss = saved["best_key"]  # strict JSON keeps an infinite loss as null
+        state.best_key = (float(accuracy), math.inf if loss is None else float(loss))
         state.best_state, state.best_strategy = saved["best_state"], saved["best_strategy"]
         state.best_epoch, state.stale = int(saved["best_epoch"]), int(saved["stale"])
         state.epoch = int(saved["epoch"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from equimodal.core.registries import FUSIONS
@@ -39,6 +40,22 @@ class FusionOutput:
 
 def _mask(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return z * present.unsqueeze(1).to(z.dtype)
+
+
+def _cosine_output(
+    z: dict[str, torch.Tensor],
+    present: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    scale: float,
+) -> FusionOutput:
+    """MMCosine's logits: the sum over each row's present modalities of
+    ``scale * cos(z_m, W_m[c])``, ``W_m`` the head block that reads ``z_m`` (no bias)."""
+    ref = next(iter(z.values()))
+    logits = ref.new_zeros(ref.shape[0], next(iter(weights.values())).shape[0])
+    for m, v in z.items():
+        cos = F.normalize(v, dim=1) @ F.normalize(weights[m], dim=1).T
+        logits = logits + scale * cos * present[m].unsqueeze(1).to(v.dtype)
+    return FusionOutput(logits=logits, fused=logits, aux_losses=[])
 
 
 class Fusion(nn.Module):
@@ -83,6 +100,11 @@ class Fusion(nn.Module):
         head = self.head  # type: ignore[attr-defined]
         return {m: head.weight for m in self.modalities}
 
+    def cross_modal_parameters(self, modality: str) -> list[nn.Parameter]:
+        """Parameters through which the other modalities reach ``modality``'s branch
+        (none for fusions that mix the modalities only in the head)."""
+        return []
+
     def head_modules(self, modality: str | None = None) -> list[nn.Module]:
         """The linear classifier(s): all of them, or the one that reads ``modality``."""
         return [self.head]  # type: ignore[attr-defined]
@@ -106,7 +128,12 @@ class ConcatFusion(Fusion):
         self.head = nn.Linear(dim * len(self.modalities), num_classes)
         self.missing = nn.Parameter(torch.zeros(len(self.modalities), dim))
 
-    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+    def forward(
+        self, z, present, orders=None, weights=None, align_loss=False, cosine_scale=None
+    ) -> FusionOutput:
+        """``cosine_scale`` (a call option): MMCosine's summed cosine logits instead."""
+        if cosine_scale is not None:
+            return _cosine_output(z, present, self.decision_weights(), cosine_scale)
         ref = next(iter(z.values()))
         blocks = []
         for k, m in enumerate(self.modalities):
@@ -165,7 +192,12 @@ class LateFusion(Fusion):
         super().__init__(modalities, dim, num_classes)
         self.heads = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in self.modalities})
 
-    def forward(self, z, present, orders=None, weights=None, align_loss=False) -> FusionOutput:
+    def forward(
+        self, z, present, orders=None, weights=None, align_loss=False, cosine_scale=None
+    ) -> FusionOutput:
+        """``cosine_scale`` (a call option): MMCosine's summed cosine logits instead."""
+        if cosine_scale is not None:
+            return _cosine_output(z, present, self.decision_weights(), cosine_scale)
         used = [m for m in self.modalities if m in z]
         ref = z[used[0]]
         total = ref.new_zeros(ref.shape[0], self.num_classes)

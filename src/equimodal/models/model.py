@@ -77,7 +77,8 @@ class MultimodalModel(nn.Module):
     :meth:`modality_logits` (one modality's own logits), :meth:`modality_parameters` and
     :meth:`modality_modules` (one modality's encoder and projection, optionally with its own
     head), :meth:`head_parameters` / :meth:`head_weight` (the classifier), and
-    :meth:`fusion_parameters` (everything after the projections). The attributes
+    :meth:`fusion_parameters` (everything after the projections), :meth:`cross_modal_parameters`
+    (what carries the other modalities into one modality's branch). The attributes
     ``encoders``, ``projections`` and ``fusion`` are internals.
     """
 
@@ -151,6 +152,12 @@ class MultimodalModel(nn.Module):
     def fusion_parameters(self) -> list[nn.Parameter]:
         """Every parameter after the projections: the fusion (memory, fills) and its head."""
         return list(self.fusion.parameters())
+
+    def cross_modal_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The fusion's parameters that carry the other modalities into ``modality``'s
+        branch (the ``mmtm`` fusion's squeeze and excitation); empty for other fusions."""
+        self._check([modality])
+        return self.fusion.cross_modal_parameters(modality)
 
     def decision_weights(self) -> dict[str, torch.Tensor]:
         """Per modality, the ``(C, d)`` block of the classifier that maps ``z_m`` to logits."""

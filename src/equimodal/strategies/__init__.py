@@ -17,13 +17,27 @@ from equimodal.engine.strategy import (
 )
 from equimodal.strategies import (  # noqa: F401  (importing registers them)
     agm,
+    amco,
+    cml,
     decision_calibration,
+    gblending,
+    greedy,
     joint,
+    lfm,
+    mbsd,
     mla,
+    mmcosine,
+    mmpareto,
     ogm_ge,
+    opm,
+    pmr,
+    reconboost,
+    relearning,
     shapley_alternating,
     udi,
+    umt,
     unimodal,
+    valuation,
 )
 
 __all__ = [
