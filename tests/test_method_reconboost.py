@@ -272,3 +272,16 @@ def test_trains_with_missing_modalities():
     result = Trainer(config, progress=False).fit()
     assert [r["modality"] for r in result.history[1:]] == ["m0", "m0", "m1", "m1", "m2", "m2"]
     assert result.metrics["test"]["accuracy"] > 0.6  # chance: 0.25
+
+
+def test_early_stopping_waits_until_every_modality_has_had_a_stage():
+    """Patience restarts at the end of each stage until the last modality's first stage
+    has begun (the official loop has no early stopping; it trains every modality)."""
+    config = config_for(3, extra=["strategy.boost_epochs=2", "strategy.rectify_epochs=1"])
+    _, _, strategy = setup_strategy(config)
+    restarts = []
+    for epoch in range(1, 13):
+        strategy.on_epoch_start(epoch)
+        restarts.append(strategy.restarts_patience())
+    # stages of 3 epochs: the ends of stages 0 and 1 (epochs 3, 6) restart the count
+    assert [e for e, r in enumerate(restarts, start=1) if r] == [3, 6]

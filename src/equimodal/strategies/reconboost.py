@@ -41,6 +41,8 @@ official path without it).
 
 Differences from the official code, and why:
 
+- **Early stopping** (not in the official loop) cannot end a run before every modality
+  has had a stage: patience restarts at each stage's end until then.
 - **Consolidation has no gradient by default.** The official term detaches both
   predictions (``mse_criterion(out_obj.detach().softmax(1), pre_out_obj.detach()
   .softmax(1))``, ``train.py``, and the same in BalanceBenchmark), so it changes the loss
@@ -261,6 +263,14 @@ class ReconBoostStrategy(Strategy):
         self.context.optimizer_step(loss)
         value = float(loss.detach())
         return {"loss": value, "rectify": value}
+
+    def restarts_patience(self) -> bool:
+        """True after the last epoch of each stage until every modality has had one: early
+        stopping (which the official loop does not have) may not end a run whose
+        prediction still leaves modalities out."""
+        stage, _, _ = self.schedule(self.epoch)
+        last_of_stage = self.schedule(self.epoch + 1)[0] != stage
+        return last_of_stage and stage < len(self.order) - 1
 
     # ------------------------------------------------------------------ prediction
     def inference_kwargs(self) -> dict[str, Any]:
