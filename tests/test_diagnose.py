@@ -37,7 +37,7 @@ def test_summary_names_the_minor_modality_with_its_numbers(diagnosed):
     text = " ".join(output.split())
     assert f"{minor} is a minor modality: {100 * shares[minor]:.0f} % of the contribution" in text
     assert f"against a {100 / 3:.0f} % equal share" in text
-    assert "Without m0 (the strongest alone" in text  # the synthetic data's strong modality
+    assert "Without m0 (the best single modality: " in text  # the synthetic data's strong one
     # no unimodal runs were cached (relative EDM off): a linear probe measured the ability
     assert "linear probe" in data["ability_source"]
     assert set(data["ability"]) == {"m0", "m1", "m2"}

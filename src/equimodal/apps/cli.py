@@ -7,23 +7,60 @@ what is wrong and exit code 2; no half-made run folder is left behind.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from equimodal.config import ConfigError, build_config, load_yaml
 from equimodal.engine.checkpoint import CheckpointError
 
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """A flag (``--quiet``, ``--plots/--no-plots``, ``--help``) takes no value: no ``<bool>``
+    after it in ``--help`` (typer shows the type of every option unless it has a metavar)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A subcommand whose ``--help`` shows no type after its flags."""
+
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """The ``equimodal`` group: flags without a type in ``--help``; with no command at all
+    it prints the help and exits 0 (typer's ``no_args_is_help`` exits 2, as for an error)."""
+
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
+
+    def parse_args(self, ctx, args):
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            typer.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit()
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=False,
+    name="equimodal",
+    cls=_Group,
+    no_args_is_help=True,
     help="Balanced multimodal learning: Shapley-guided alternating training and diagnostics.",
 )
 # emoji codes off: ":smile:" in a user's file name or message stays as written
@@ -78,6 +115,37 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
+def _version() -> str:
+    """The version of equimodal: ``equimodal.__version__`` (the package is imported with this
+    module, nothing heavy), else the installed distribution's."""
+    import equimodal
+
+    version = getattr(equimodal, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as installed
+
+        version = installed("equimodal")
+    return str(version)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(f"equimodal {_version()}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 def _unique_dir(root: Path, name: str) -> Path:
     candidate = root / name
     k = 2
@@ -87,7 +155,7 @@ def _unique_dir(root: Path, name: str) -> Path:
     return candidate
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     dataset: Annotated[
         str | None, typer.Option(help="Dataset name (see `equimodal datasets`).")
@@ -106,7 +174,12 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", "-s", help="Override a config key: key.path=value (repeatable)."),
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=VALUE",
+            help="Override a config key: key.path=value (repeatable).",
+        ),
     ] = None,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder that receives the run folder.")
@@ -378,7 +451,7 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
         out.print(f"run folder: {run_dir}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `equimodal train`.")],
     modalities: Annotated[
@@ -479,7 +552,7 @@ def evaluate(
         out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     path: Annotated[Path, typer.Argument(help="A run folder, or a folder of run folders.")],
     out_file: Annotated[
@@ -516,7 +589,7 @@ def report(
         _fail(_message(exc))
         return
     text = summary_markdown(rows)
-    out.print(text, highlight=False, markup=False)
+    _print_summary(rows, text)
     if markdown:
         err.print(f"wrote {write_report(path)}", highlight=False)
     if out_file is not None:
@@ -529,7 +602,7 @@ def report(
                 out.print(f"wrote {p}", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     bench_file: Annotated[
         Path, typer.Argument(help="Bench file (YAML): datasets x methods x seeds.")
@@ -635,9 +708,106 @@ def bench(
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
-    out.print(text, highlight=False, markup=False)
+    _print_summary(rows, text, comparison_note(reference) if reference else None)
     if failures:
         raise typer.Exit(code=1)
+
+
+def _print_summary(rows: list[dict[str, Any]], text: str, note: str | None = None) -> None:
+    """The summary of ``report`` and ``bench``: its Markdown ``text`` (what the files hold)
+    when stdout is a file or a pipe; on a terminal a table per dataset, then ``note``.
+
+    The tables keep to the terminal's width: the columns that do not fit are left out, least
+    important first (shares, robustness, train time, ...), and named under the tables.
+    """
+    if not out.is_terminal:
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
+        return
+    columns = _summary_columns(rows)
+    left_out: list[str] = []
+    tables = _summary_tables(rows, columns)
+    # drop from the right (the columns are in order of importance) until every table fits
+    # with one line per method
+    unbounded = out.options.update_width(10**6)
+    while len(columns) > 1 and any(
+        out.measure(t, options=unbounded).maximum > out.width for t in tables
+    ):
+        left_out.insert(0, " ".join(columns.pop()[0].split()))
+        tables = _summary_tables(rows, columns)
+    for table in tables:
+        out.print(table)
+    if note and any(head.startswith("Δ") for head, _ in columns):  # it explains Δ and p
+        out.print(note, highlight=False, markup=False)
+    if left_out:
+        out.print(
+            f"Left out at {out.width} columns: {'; '.join(left_out)} (widen the terminal, or "
+            "redirect the output for the whole Markdown table).",
+            highlight=False,
+            markup=False,
+        )
+
+
+def _summary_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The columns of the terminal summary after method and seeds, most important first:
+    (header, cell of a row given its number of seeds)."""
+    from equimodal.apps.report import difference_text, mean_std_text
+
+    nan = (float("nan"), 0.0)
+    columns: list[tuple[str, Any]] = [
+        ("accuracy %", lambda r, n: mean_std_text(r["accuracy"], 2, n)),
+        ("EDM %", lambda r, n: mean_std_text(r["edm"], 1, n)),
+        ("macro-F1 %", lambda r, n: mean_std_text(r["macro_f1"], 2, n)),
+    ]
+    if any(r.get("comparison") is not None for r in rows):
+        columns += [
+            (
+                "Δ accuracy vs reference,\npts [95% CI]",
+                lambda r, n: difference_text(r.get("comparison"))[0],
+            ),
+            ("p (Holm)", lambda r, n: difference_text(r.get("comparison"))[1]),
+        ]
+    columns += [
+        ("relative\nEDM %", lambda r, n: mean_std_text(r["relative_edm"], 1, n)),
+        ("train\ntime s", lambda r, n: mean_std_text(r["train_time_s"], 1, n, scale=1.0)),
+    ]
+    if any("missing_0.5" in r for r in rows):
+        columns += [
+            ("missing\n0.5 %", lambda r, n: mean_std_text(r.get("missing_0.5", nan), 2, n)),
+            (
+                "strongest\nremoved %",
+                lambda r, n: mean_std_text(r.get("strongest_removed", nan), 2, n),
+            ),
+        ]
+    columns.append(
+        (
+            "Shapley share\nper modality %",
+            lambda r, n: ", ".join(f"{m} {100 * v[0]:.0f}" for m, v in r["share"].items()),
+        )
+    )
+    return columns
+
+
+def _summary_tables(rows: list[dict[str, Any]], columns: list[tuple[str, Any]]) -> list[Table]:
+    """The summary as one rich table per dataset: method, seeds and ``columns``."""
+    tables = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        group = [r for r in rows if r["dataset"] == dataset]
+        spread = ", mean ± std over seeds" if any(len(r["seeds"]) > 1 for r in group) else ""
+        table = Table(
+            title=Text(f"{dataset}: test scores{spread}", style="bold"),
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        table.add_column("method", no_wrap=True)
+        table.add_column("seeds", justify="right")
+        for head, _ in columns:
+            table.add_column(head, justify="right")
+        for r in group:
+            n = len(r["seeds"])
+            cells = [r["method"], str(n), *(cell(r, n) for _, cell in columns)]
+            table.add_row(*(Text(c) for c in cells))
+        tables.append(table)
+    return tables
 
 
 def _run_grid(runs, what: str, where: Path, jobs: int, executor: str, address: str | None):
@@ -676,7 +846,7 @@ def _run_grid(runs, what: str, where: Path, jobs: int, executor: str, address: s
     return failures
 
 
-@app.command()
+@app.command(cls=_Command)
 def diagnose(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `equimodal train`.")],
     competition: Annotated[
@@ -713,14 +883,16 @@ def diagnose(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def prepare(
     dataset: Annotated[str, typer.Argument(help="Dataset with a prepare step (e.g. cremad).")],
     raw: Annotated[Path, typer.Option("--raw", help="Folder of the raw download.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder of the prepared dataset.")],
     option: Annotated[
         list[str] | None,
-        typer.Option("--option", "-o", help="A preparer option: key=value (repeatable)."),
+        typer.Option(
+            "--option", "-o", metavar="KEY=VALUE", help="A preparer option: key=value (repeatable)."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -749,37 +921,65 @@ def prepare(
         out.print(f"note: {note}", highlight=False)
 
 
-@app.command()
+def _plain(text: str | None) -> str:
+    """Text of a docstring or description for the terminal: one line, no reST ``code``."""
+    return re.sub(r"``(.+?)``", r"\1", " ".join((text or "").split()))
+
+
+def _first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring, without its pointer to the module docstring."""
+    paragraph = _plain((doc or "").strip().split("\n\n")[0])
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
+    return re.sub(r";\s*see (the )?module doc(string)?\.?$", ".", sentence)
+
+
+def _entry(name: str, fields: list[tuple[str, str]]) -> RenderableType:
+    """One listed item: its name on a line of its own, then ``label  value`` lines indented;
+    values wrap within their column, so nothing runs past the terminal's width."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, style="dim")
+    grid.add_column(overflow="fold")
+    for label, value in fields:
+        grid.add_row(Text(label), Text(value))
+    return Group(
+        Text(name, style="bold cyan", no_wrap=True), Padding(grid, (0, 0, 1, 2), expand=False)
+    )
+
+
+@app.command(cls=_Command)
 def datasets() -> None:
     """List the datasets: modalities with dimensions, classes, samples, source and licence."""
     from equimodal.data.registry import dataset_names, get_entry
 
-    table = Table(title="equimodal datasets", show_lines=True)
-    for col in ("name", "modalities (dim)", "classes", "samples", "source", "licence"):
-        table.add_column(col, overflow="fold")
+    out.print("[bold]equimodal datasets[/]\n")
     for name in dataset_names():
         info = get_entry(name).info
         mods = ", ".join(f"{m.name} ({'x'.join(map(str, m.shape))})" for m in info.modalities)
-        table.add_row(
-            name, mods, str(info.num_classes), str(info.num_samples), info.source, info.license
-        )
-    out.print(table)
+        # 0: the number depends on the user's files (their features, their copy of the clips)
+        fields = [
+            ("modalities", mods or "yours (one file per modality)"),
+            ("classes", str(info.num_classes) if info.num_classes else "varies"),
+            ("samples", str(info.num_samples) if info.num_samples else "varies (your copy)"),
+            ("source", _plain(info.source)),
+            ("licence", _plain(info.license)),
+        ]
+        out.print(_entry(name, fields))
 
 
-@app.command()
+@app.command(cls=_Command)
 def strategies() -> None:
     """List the training methods and their options with defaults."""
     from equimodal.strategies import get_strategy_class, strategy_names
 
-    table = Table(title="equimodal strategies", show_lines=True)
-    for col in ("name", "default fusion", "options (default)", "description"):
-        table.add_column(col, overflow="fold")
+    out.print("[bold]equimodal strategies[/]\n")
     for name in strategy_names():
         cls = get_strategy_class(name)
-        opts = _option_defaults(cls.config_class, skip=("name",))
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, cls.default_fusion, opts or "-", doc)
-    out.print(table)
+        fields = [
+            ("about", _first_sentence(cls.__doc__) or "-"),
+            ("default fusion", cls.default_fusion),
+            ("options", _option_defaults(cls.config_class, skip=("name",)) or "-"),
+        ]
+        out.print(_entry(name, fields))
 
 
 def _option_defaults(model, skip: tuple[str, ...] = ()) -> str:
@@ -791,30 +991,32 @@ def _option_defaults(model, skip: tuple[str, ...] = ()) -> str:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def fusions() -> None:
     """List the fusions (how modality features become logits), plugins included."""
     from equimodal.core.registries import FUSIONS
 
     table = Table(title="equimodal fusions")
-    for col in ("name", "order-dependent", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("order-dependent", "description"):
         table.add_column(col, overflow="fold")
     for name, cls in FUSIONS.items():
-        table.add_row(name, "yes" if cls.uses_order else "no", cls.description or "-")
+        table.add_row(name, "yes" if cls.uses_order else "no", _plain(cls.description) or "-")
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def encoders() -> None:
     """List the encoder kinds and their options with defaults, plugins included."""
     from equimodal.core.registries import ENCODERS
 
     table = Table(title="equimodal encoders", show_lines=True)
-    for col in ("kind", "options (default)", "description"):
+    table.add_column("kind", no_wrap=True)
+    for col in ("options (default)", "description"):
         table.add_column(col, overflow="fold")
     for name, entry in ENCODERS.items():
         opts = _option_defaults(entry.options)
-        table.add_row(name, opts or "-", entry.description or "-")
+        table.add_row(name, opts or "-", _plain(entry.description) or "-")
     out.print(table)
 
 

@@ -67,10 +67,16 @@ def plain_summary(d: Diagnosis) -> list[str]:
             f"share, 100 % = one modality carries everything); {top} contributes most "
             f"({100 * shares[top]:.0f} % of the test contribution)."
         )
+        probe = "linear probe" in d.ability_source
         for name in sorted(names, key=lambda n: shares[n]):
             if shares[name] < 0.75 * equal:
                 alone = d.ability.get(name)
-                tail = f"; alone it reaches {100 * alone:.0f} %" if alone is not None else ""
+                what = "a linear probe on its features" if probe else "a unimodal model of it"
+                tail = (
+                    f"; {what} reaches {100 * alone:.0f} % validation accuracy"
+                    if alone is not None
+                    else ""
+                )
                 out.append(
                     f"{name} is a minor modality: {100 * shares[name]:.0f} % of the contribution "
                     f"against a {100 * equal:.0f} % equal share{tail}."
@@ -88,9 +94,10 @@ def plain_summary(d: Diagnosis) -> list[str]:
             if without < full - 0.005
             else f"stays at {100 * without:.1f} % (all modalities: {100 * full:.1f} %)"
         )
+        best = removed["modality"]
         out.append(
-            f"Without {removed['modality']} (the strongest alone, {100 * removed['alone']:.1f} %) "
-            f"test accuracy {change}."
+            f"Without {best} (the best single modality: {100 * removed['alone']:.1f} % test "
+            f"accuracy when the model reads only {best}), test accuracy {change}."
         )
     if d.competition:
         worst = max(d.competition, key=d.competition.get)
@@ -231,13 +238,7 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
                 for n in names
             ]
         )
-        fig, ax = plt.subplots(figsize=(0.5 * grid.shape[1] + 2.5, 0.4 * len(names) + 1.6))
-        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xticks(range(grid.shape[1]), d.class_names, rotation=45, ha="right", fontsize=7)
-        fig.colorbar(image, ax=ax, label="accuracy %")
-        ax.set_title("per-class accuracy of each modality's own logits (test)", fontsize=9)
-        fig.tight_layout()
+        fig = per_class_figure(grid, names, d.class_names)
         figures.append(("Per-class accuracy per modality", out / "per_class.png"))
         save_figure(fig, figures[-1][1], dpi=110)
         plt.close(fig)
@@ -252,6 +253,33 @@ def _figures(d: Diagnosis, out: Path) -> list[tuple[str, Path]]:
     )
     figures.append(("Robustness", plot_robustness(rob, out / "robustness.png")))
     return figures
+
+
+def per_class_figure(grid: np.ndarray, names: list[str], class_names: list[str]) -> Any:
+    """Heatmap of accuracy % (rows: modalities, columns: classes), each cell labelled with
+    its value (``-``: no test sample of that class)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(0.5 * grid.shape[1] + 2.5, 0.4 * len(names) + 1.6))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for i, j in np.ndindex(grid.shape):
+        value = grid[i, j]
+        ax.text(
+            j,
+            i,
+            "-" if np.isnan(value) else f"{value:.0f}",
+            ha="center",
+            va="center",
+            fontsize=6,
+            # viridis is dark below about 60 %, light above (a missing cell is blank)
+            color="white" if value < 60 else "black",
+        )
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(grid.shape[1]), class_names, rotation=45, ha="right", fontsize=7)
+    fig.colorbar(image, ax=ax, label="accuracy %")
+    ax.set_title("per-class accuracy of each modality's own logits (test)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- rendering
@@ -318,14 +346,17 @@ def _tables(d: Diagnosis) -> list[tuple[str, list[str], list[list[str]]]]:
             )
         )
     rob = d.robustness
+
+    def spread(r: dict[str, Any]) -> str:  # one draw has no spread to show
+        return "" if rob.get("draws", 2) < 2 else f" ± {100 * r['accuracy_std']:.2f}"
+
     rrows = [["all modalities", f"{100 * rob['full']['accuracy']:.2f}"]]
     rrows += [
-        [f"missing rate {r['eta']:g}", f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}"]
+        [f"missing rate {r['eta']:g}", f"{100 * r['accuracy']:.2f}{spread(r)}"]
         for r in rob["missing"]
     ]
     rrows += [
-        [f"noise σ {r['sigma']:g}", f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}"]
-        for r in rob["noise"]
+        [f"noise σ {r['sigma']:g}", f"{100 * r['accuracy']:.2f}{spread(r)}"] for r in rob["noise"]
     ]
     for s in rob["subsets"]:
         if len(s["modalities"]) in (1, len(names) - 1) and len(names) > 1:

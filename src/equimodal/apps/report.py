@@ -99,14 +99,20 @@ def summarize(
     return rows
 
 
-def _pct(pair: tuple[float, float], digits: int = 2) -> str:
+def mean_std_text(
+    pair: tuple[float, float], digits: int = 2, seeds: int = 2, scale: float = 100.0
+) -> str:
+    """``mean ± std`` of a summary cell (percentages by default, ``-`` when missing); from
+    fewer than two ``seeds`` just the mean, since one value has no spread to show."""
     mean, std = pair
     if math.isnan(mean):
         return "-"
-    return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
+    if seeds < 2:
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
-def _difference(c: Comparison | None) -> tuple[str, str]:
+def difference_text(c: Comparison | None) -> tuple[str, str]:
     """``+1.23 [+0.10, +2.36]`` points and the Holm p-value (``*``: survives)."""
     if c is None:
         return "-", "-"
@@ -115,7 +121,8 @@ def _difference(c: Comparison | None) -> tuple[str, str]:
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (percentages; Shapley shares per modality).
+    """The summary as a Markdown table (percentages; Shapley shares per modality; ``mean ±
+    std`` over seeds, just the mean for a method with one seed).
 
     With comparisons: the paired difference of test accuracy against the reference in
     points with its 95 % confidence interval, and the Holm-adjusted p-value (``*``: the
@@ -131,16 +138,17 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         shares = ", ".join(f"{n} {100 * v[0]:.0f}" for n, v in r["share"].items())
-        t_mean, t_std = r["train_time_s"]
-        diff_text, p_text = _difference(r.get("comparison"))
+        diff_text, p_text = difference_text(r.get("comparison"))
+        n = len(r["seeds"])
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {len(r['seeds'])} "
-            f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['edm'], 1)} "
-            f"| {_pct(r['relative_edm'], 1)} | {shares} | {t_mean:.1f} ± {t_std:.1f} "
+            f"| {r['dataset']} | {r['method']} | {n} "
+            f"| {mean_std_text(r['accuracy'], 2, n)} | {mean_std_text(r['macro_f1'], 2, n)} "
+            f"| {mean_std_text(r['edm'], 1, n)} | {mean_std_text(r['relative_edm'], 1, n)} "
+            f"| {shares} | {mean_std_text(r['train_time_s'], 1, n, scale=1.0)} "
             f"| {diff_text} | {p_text} |"
             + (
-                f" {_pct(r.get('missing_0.5', (math.nan, 0.0)))} "
-                f"| {_pct(r.get('strongest_removed', (math.nan, 0.0)))} |"
+                f" {mean_std_text(r.get('missing_0.5', (math.nan, 0.0)), 2, n)} "
+                f"| {mean_std_text(r.get('strongest_removed', (math.nan, 0.0)), 2, n)} |"
                 if robust
                 else ""
             )
@@ -219,6 +227,15 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def integer_epochs(*axes: Any) -> None:
+    """Tick the x axis (epochs) of each matplotlib axes at whole numbers only: a run of
+    three epochs gets 1, 2, 3, not 1.0, 1.25, 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw ``curves.png`` (loss, validation accuracy), ``shapley.png`` (share per modality
     per epoch) and ``edm.png`` into ``out_dir`` (default: the run folder); returns the paths."""
@@ -243,6 +260,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax[1].plot(epochs, [100 * h["val"]["macro_f1"] for h in history], label="macro-F1")
     ax[1].set(xlabel="epoch", ylabel="%", title="validation")
     ax[1].legend()
+    integer_epochs(*ax)
     fig.tight_layout()
     paths.append(out / "curves.png")
     save_figure(fig, paths[-1], dpi=110)
@@ -260,6 +278,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             title="Shapley share per modality (val)",
         )
         ax.legend(fontsize=8, ncol=2)
+        integer_epochs(ax)
         fig.tight_layout()
         paths.append(out / "shapley.png")
         save_figure(fig, paths[-1], dpi=110)
@@ -270,6 +289,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.set(
             xlabel="epoch", ylabel="EDM %", title="Equilibrium deviation (val; 0 = equal shares)"
         )
+        integer_epochs(ax)
         fig.tight_layout()
         paths.append(out / "edm.png")
         save_figure(fig, paths[-1], dpi=110)
@@ -367,6 +387,7 @@ def plot_comparison(
             )
             bottom.plot(epochs, dev, color="black", lw=1.2)
             bottom.set_xlabel("epoch")
+            integer_epochs(top, bottom)
         axes[0][0].set_ylabel("Shapley share % (val)")
         axes[1][0].set_ylabel("EDM % (val)")
         axes[0][-1].legend(fontsize=7, loc="upper right")
@@ -406,8 +427,13 @@ def write_report(
     rows = summarize(metrics, by_run_name=by_run_name, comparisons=comparisons)
     figures = root / "figures"
     lines = [f"# equimodal report: {root.name or root}", ""]
+    spread = (
+        "mean ± std over seeds"
+        if any(len(r["seeds"]) > 1 for r in rows)
+        else "one seed per method, so no standard deviation"
+    )
     lines += [
-        f"{len(runs)} finished runs; test scores, mean ± std over seeds. Every run selected "
+        f"{len(runs)} finished runs; test scores, {spread}. Every run selected "
         "its checkpoint on validation and read test once.",
         "",
         summary_markdown(rows),
