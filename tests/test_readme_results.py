@@ -8,29 +8,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- results/readme/summary.md -->", "<!-- end results/readme/summary.md -->"
+#: each committed bench whose summary the README shows, with the reference of its comparisons
+BENCHES = {"readme": "shapley_alternating", "balancebenchmark": "joint"}
 
 
-def test_readme_table_matches_the_bench_summary():
-    summary = ROOT / "results" / "readme" / "summary.md"
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_readme_table_matches_the_bench_summary(bench):
+    summary = ROOT / "results" / bench / "summary.md"
     if not summary.is_file():
-        pytest.skip("results/readme is not in this checkout")
+        pytest.skip(f"results/{bench} is not in this checkout")
+    start, end = f"<!-- results/{bench}/summary.md -->", f"<!-- end results/{bench}/summary.md -->"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert START in readme and END in readme, "README lost the markers around the results table"
-    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert start in readme and end in readme, f"README lost the markers around results/{bench}"
+    block = readme.split(start, 1)[1].split(end, 1)[0].strip()
     assert block == summary.read_text(encoding="utf-8").strip()
 
 
-def test_bench_summary_matches_its_run_folders():
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_bench_summary_matches_its_run_folders(bench):
     from equimodal.apps.report import find_runs, load_metrics, summarize, summary_markdown
     from equimodal.apps.stats import compare_to_reference
 
-    root = ROOT / "results" / "readme"
+    root = ROOT / "results" / bench
     if not (root / "summary.md").is_file():
-        pytest.skip("results/readme is not in this checkout")
+        pytest.skip(f"results/{bench} is not in this checkout")
     metrics = [load_metrics(r) for r in find_runs(root)]
     rows = summarize(
-        metrics, by_run_name=True, comparisons=compare_to_reference(metrics, "shapley_alternating")
+        metrics, by_run_name=True, comparisons=compare_to_reference(metrics, BENCHES[bench])
     )
     table = summary_markdown(rows)
     assert table.strip() in (root / "summary.md").read_text(encoding="utf-8")
