@@ -57,3 +57,15 @@ def test_committed_bench_file_is_the_one_the_readme_runs():
     assert copy.read_bytes() == (ROOT / config).read_bytes(), (
         f"{out}/bench.yaml differs from {config}: the committed runs are not from that file"
     )
+
+
+def test_the_balancebenchmark_table_comes_from_its_committed_bench_file():
+    """The README's second table: its command's bench file is the committed copy's."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = "equimodal bench configs/bench/balancebenchmark.yaml --jobs 2 --out "
+    assert command + "results/balancebenchmark" in readme
+    copy = ROOT / "results" / "balancebenchmark" / "bench.yaml"
+    if not copy.is_file():
+        pytest.skip("results/balancebenchmark is not in this checkout")
+    config = ROOT / "configs" / "bench" / "balancebenchmark.yaml"
+    assert copy.read_bytes() == config.read_bytes()
