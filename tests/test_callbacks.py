@@ -98,3 +98,41 @@ def test_run_files_are_written_by_the_builtin_callbacks(small_config, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert (run / "checkpoints" / "best.safetensors").is_file()
     assert (run / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_progress_bar_counts_each_epochs_batches_with_time_left(small_config):
+    import io
+
+    from rich.console import Console
+
+    from equimodal.engine.callbacks import ProgressBar
+
+    class Kept(ProgressBar):
+        """Keeps the batch counts the bar showed at each epoch's end."""
+
+        shown: list[tuple[float, float | None]] = []
+
+        def on_epoch_end(self, trainer, state, row):
+            task = self.progress.tasks[1]
+            self.shown.append((task.completed, task.total))
+            super().on_epoch_end(trainer, state, row)
+
+    out = io.StringIO()
+    bar = Kept(Console(file=out, width=120, force_terminal=True))
+    config = small_config("joint", epochs=2)
+    Trainer(config, progress=False, callbacks=[bar]).fit()
+    batches = -(-int(600 * 0.8 * 0.9) // 64)  # ceil(train rows / batch size), synthetic split
+    assert [total for _, total in bar.shown] == [bar.shown[0][1]] * 2
+    assert all(done == total for done, total in bar.shown)
+    assert bar.shown[0][1] in (batches - 1, batches, batches + 1)
+    assert "left" in out.getvalue() and "epoch 2 batches" in out.getvalue()
+
+
+def test_relative_edm_announces_each_unimodal_run(small_config, capsys):
+    from equimodal.analysis import fit_run
+
+    config = small_config("joint", epochs=1, extra=["train.relative_edm=true"])
+    fit_run(Trainer(config, progress=True))
+    err = capsys.readouterr().err
+    for k, m in enumerate(["m0", "m1", "m2"], start=1):
+        assert f"stand-alone ability of {m}, unimodal run {k} of 3" in err

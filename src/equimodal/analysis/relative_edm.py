@@ -86,7 +86,9 @@ def add_relative_edm(
                 loaded_by_name=loaded_by_name,
             )
     else:
-        ability = standalone_accuracies(cfg, data, cache_dir, loaded_by_name=loaded_by_name)
+        ability = standalone_accuracies(
+            cfg, data, cache_dir, loaded_by_name=loaded_by_name, progress=trainer.show_progress
+        )
     metrics = result.metrics
     if group.is_main:
         _fill(metrics, data, ability)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from equimodal.config import RunConfig, build_config
 from equimodal.core.files import write_json_atomic
 from equimodal.data.base import MultimodalData
@@ -54,6 +56,7 @@ def unimodal_config(config: RunConfig, modality: str) -> RunConfig:
     tree["model"]["fusion"] = UnimodalStrategy.default_fusion
     tree["name"] = None
     tree["train"]["relative_edm"] = False
+    tree["train"]["loggers"] = []  # an in-memory run: nothing to track
     return build_config(tree)
 
 
@@ -116,12 +119,14 @@ def standalone_accuracies(
     cache_dir: str | Path | None = None,
     read_cache: bool = True,
     loaded_by_name: bool = False,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Validation accuracy of a unimodal model of each modality (cached by key).
 
     ``read_cache`` False trains even when a cached value exists (multi-process training
     decides on rank 0 whether to read it); the result is still written to ``cache_dir``.
-    ``loaded_by_name``: see :func:`cached_standalone`.
+    ``loaded_by_name``: see :func:`cached_standalone`. ``progress``: announce each
+    unimodal run on stderr and show its progress bar.
     """
     key = standalone_key(config, data.modalities)
     path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
@@ -130,8 +135,14 @@ def standalone_accuracies(
         if found is not None:
             return found
     accuracy = {}
-    for m in data.modalities:
-        result = Trainer(unimodal_config(config, m), data=data, progress=False).fit()
+    console = Console(stderr=True) if progress else None
+    for k, m in enumerate(data.modalities, start=1):
+        if console is not None:
+            console.print(
+                f"relative EDM: stand-alone ability of {m}, unimodal run {k} of "
+                f"{len(data.modalities)} (cached for later runs of these settings)"
+            )
+        result = Trainer(unimodal_config(config, m), data=data, progress=progress).fit()
         accuracy[m] = float(result.metrics["val"]["accuracy"])
     _memory_put(key, data, loaded_by_name, accuracy)
     if path is not None:

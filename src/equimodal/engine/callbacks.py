@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from equimodal.config import dump_config
 from equimodal.core.files import dumps_json, write_json_atomic, write_text_atomic
@@ -218,12 +225,14 @@ class RunFiles(Callback):
 
 
 class ProgressBar(Callback):
-    """A rich progress bar over epochs showing loss, validation accuracy and the order."""
+    """A rich progress display: one bar over epochs (loss, validation accuracy, the order)
+    and one over the current epoch's batches, each with its time left."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None
         self.task: Any = None
+        self.batch_task: Any = None
 
     def on_fit_start(self, trainer: Trainer, state: FitState) -> None:
         self.progress = Progress(
@@ -231,6 +240,8 @@ class ProgressBar(Callback):
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             console=self.console,
             transient=False,
         )
@@ -238,6 +249,21 @@ class ProgressBar(Callback):
         self.task = self.progress.add_task(
             "training", total=state.epochs, completed=state.first_epoch - 1
         )
+
+    def on_epoch_start(self, trainer: Trainer, state: FitState) -> None:
+        if self.progress is None:
+            return
+        context = getattr(state.strategy, "ctx", None)
+        total = getattr(context, "batches_per_epoch", None)  # None: an open-ended bar
+        description = f"  epoch {state.epoch} batches"
+        if self.batch_task is None:
+            self.batch_task = self.progress.add_task(description, total=total)
+        else:
+            self.progress.reset(self.batch_task, total=total, description=description)
+
+    def on_batch_end(self, trainer: Trainer, state: FitState, logs: dict[str, float]) -> None:
+        if self.progress is not None and self.batch_task is not None:
+            self.progress.advance(self.batch_task)
 
     def on_epoch_end(self, trainer: Trainer, state: FitState, row: dict[str, Any]) -> None:
         if self.progress is None:
