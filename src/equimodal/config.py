@@ -158,6 +158,10 @@ class ShapleyConfig(Section):
     permutations: int = Field(64, gt=0)
 
 
+#: the experiment trackers ``train.loggers`` may name (``equimodal.engine.loggers``)
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+
+
 class TrainConfig(Section):
     """The training loop: epochs, batches, early stopping on validation, device."""
 
@@ -176,6 +180,25 @@ class TrainConfig(Section):
     #: score the test split once at the end (false: tuning runs, which choose settings on
     #: validation and must never read test; their metrics have no test scores)
     score_test: bool = True
+    loggers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "experiment trackers that log every epoch (train losses, validation accuracy "
+            "and loss, Shapley values and shares, EDM, the modality order), the config and "
+            "the final metrics: any of " + ", ".join(LOGGERS) + "; written under the run "
+            "folder (an in-memory run, without one, logs nothing)"
+        ),
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in LOGGERS:
+                raise ValueError(f"unknown logger {name!r}; valid loggers: {', '.join(LOGGERS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a logger twice: {', '.join(value)}")
+        return value
 
 
 DEFAULT_STRATEGY = "shapley_alternating"

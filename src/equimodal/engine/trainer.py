@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from equimodal.engine.callbacks import (
 )
 from equimodal.engine.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from equimodal.engine.distributed import Distributed
+from equimodal.engine.loggers import Logger, build_loggers
 from equimodal.engine.runs import load_run, remove_run_dir
 from equimodal.engine.strategy import Strategy, TrainContext, build_strategy
 from equimodal.engine.validation import (
@@ -103,7 +105,9 @@ class Trainer:
     """Trains one run described by a :class:`RunConfig`.
 
     ``run_dir`` None keeps everything in memory (tests, notebooks); otherwise the folder
-    receives ``config.yaml``, ``history.jsonl``, ``metrics.json`` and ``checkpoints/``.
+    receives ``config.yaml``, ``history.jsonl``, ``metrics.json`` and ``checkpoints/``,
+    and the experiment trackers of ``train.loggers`` (:mod:`equimodal.engine.loggers`)
+    write there; without a run folder they log nothing.
     ``callbacks`` are the user's own (:class:`~equimodal.engine.callbacks.Callback`),
     called after the built-in ones; ``on_epoch`` is a shortcut for a callback that gets
     each epoch's history row. Under ``torchrun`` only rank 0 writes and runs callbacks,
@@ -146,6 +150,13 @@ class Trainer:
         callbacks: list[Callback] = [EarlyStopping(self.config.train.patience)]
         if self.run_dir is not None:
             callbacks += [Checkpointing(self.run_dir), RunFiles(self.run_dir)]
+            callbacks += build_loggers(self.config.train.loggers, self.run_dir)
+        elif self.config.train.loggers:
+            warnings.warn(
+                f"train.loggers {self.config.train.loggers} log nothing: the run has no run "
+                "folder (Trainer(run_dir=...))",
+                stacklevel=2,
+            )
         if self.on_epoch is not None:
             callbacks.append(LambdaCallback(self.on_epoch))
         callbacks += self.user_callbacks
@@ -208,7 +219,7 @@ class Trainer:
             return self._fit(data, device, group)
         finally:
             for callback in self.callbacks:
-                if isinstance(callback, ProgressBar):
+                if isinstance(callback, (ProgressBar, Logger)):
                     callback.close()
             group.close()
 
