@@ -102,3 +102,10 @@ def test_html_report_renders_in_headless_chromium(diagnosed, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<html><body><script>throw new Error('kaboom')</script></body></html>")
     assert any("kaboom" in line for line in render(broken, tmp_path / "b.png"))
+
+
+def test_diagnose_reports_each_step_as_it_starts(diagnosed):
+    _, output = diagnosed
+    text = " ".join(output.split())
+    for step in ("loading the run", "Shapley values and EDM", "robustness: missing modalities"):
+        assert f"diagnose: {step}" in text

@@ -65,7 +65,7 @@ def test_ray_executor_options_are_checked(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["bench", str(path), "--executor", "dask"])
     assert result.exit_code == 2
-    assert "--executor must be 'local' or 'ray'" in result.output
+    assert "--executor must be 'local', 'ray' or 'slurm'" in result.output
     result = runner.invoke(app, ["bench", str(path), "--address", "auto"])
     assert result.exit_code == 2
     assert "--address needs --executor ray" in result.output

@@ -35,11 +35,15 @@ sends each run to a Ray cluster as a task (``pip install 'equimodal[distributed]
 A Ray task trains in a temporary folder on its worker and returns the run folder's files,
 which the driver writes into ``OUT`` (``metrics.json`` last), so the cluster needs no
 shared file system; the relative-EDM cache (``OUT/<dataset>/.standalone/``) travels with
-the tasks both ways.
+the tasks both ways. ``slurm`` submits the runs to SLURM as one job array through submitit
+(``pip install 'equimodal[slurm]'``); SLURM clusters share a file system, so each job
+trains straight into its folder under ``OUT`` as a local worker does (same resume, same
+cache), and submitit's files and the jobs' logs go to ``OUT/.slurm/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -65,8 +69,11 @@ from equimodal.config import (
 
 BENCH_KEYS = {"seeds", "reference", "base", "datasets", "methods", "robustness", "tune"}
 TUNE_KEYS = {"seeds", "budget", "grid"}
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "slurm")
 RAY_HINT = "pip install 'equimodal[distributed]' (or pip install ray)"
+SLURM_HINT = "pip install 'equimodal[slurm]' (or pip install submitit)"
+# submitit's clusters: ``local`` and ``debug`` run the same code on this machine (tests)
+SLURM_CLUSTERS = ("slurm", "local", "debug")
 
 
 @dataclass(frozen=True)
@@ -393,14 +400,18 @@ def execute(
     executor: str = "local",
     address: str | None = None,
     ray_options: dict[str, Any] | None = None,
+    slurm_options: dict[str, Any] | None = None,
+    slurm_folder: str | Path | None = None,
 ) -> list[tuple[BenchRun, BaseException]]:
     """Run the pending runs; returns the failures.
 
     ``executor`` ``local`` uses a pool of ``jobs`` local processes; ``ray`` sends each run
     to the Ray cluster at ``address`` (None: the one this process is connected to, else a
     new local one) as a task with ``ray_options`` (default ``{"num_cpus": 1}``; e.g.
-    ``{"num_gpus": 1}``). Either way finished runs are skipped and the run folders hold
-    the same files.
+    ``{"num_gpus": 1}``); ``slurm`` submits them as one SLURM job array through submitit
+    (:func:`_execute_slurm`: ``slurm_options`` are submitit's parameters, logs go to
+    ``slurm_folder``). Every way finished runs are skipped and the run folders hold the
+    same files.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
@@ -410,6 +421,8 @@ def execute(
         return failures
     if executor == "ray":
         return _execute_ray(todo, address, ray_options, on_done)
+    if executor == "slurm":
+        return _execute_slurm(todo, slurm_options, slurm_folder, on_done)
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(jobs, 1))
     if jobs <= 1:
@@ -524,3 +537,88 @@ def _execute_ray(
         if started:
             ray.shutdown()
     return failures
+
+
+def require_submitit() -> Any:
+    """The ``submitit`` module, or ImportError with the install hint."""
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError(f"the slurm executor needs submitit: {SLURM_HINT}") from None
+    return submitit
+
+
+def _execute_slurm(
+    todo: list[BenchRun],
+    slurm_options: dict[str, Any] | None,
+    folder: str | Path | None,
+    on_done: Callable[[BenchRun, BaseException | None], None] | None,
+) -> list[tuple[BenchRun, BaseException]]:
+    """Submit ``todo`` as one job array (one job per run) and wait for the jobs.
+
+    ``slurm_options`` are submitit ``AutoExecutor`` parameters (``timeout_min``,
+    ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``, ``slurm_partition``,
+    ``slurm_additional_parameters``, ...) plus ``cluster`` (``slurm``, default, or
+    submitit's ``local`` / ``debug``, which run the jobs on this machine) and ``poll_s``
+    (how often to look at the jobs; default 10 s on SLURM, 1 s locally). A job trains
+    with :func:`run_one` straight into its run folder: the nodes see ``OUT`` through the
+    cluster's shared file system, as submitit's ``folder`` must be seen anyway, so resume
+    and the relative-EDM cache work as with local workers. Torch threads follow
+    ``cpus_per_task`` (default 1).
+    """
+    submitit = require_submitit()
+    from submitit import helpers
+
+    options = {"cpus_per_task": 1, "timeout_min": 60, **(slurm_options or {})}
+    cluster = options.pop("cluster", None) or "slurm"
+    if cluster not in SLURM_CLUSTERS:
+        raise ValueError(f"unknown cluster {cluster!r}; choose one of {', '.join(SLURM_CLUSTERS)}")
+    # SLURM is asked through sacct (submitit caches it); the local clusters are cheap to ask
+    poll = float(options.pop("poll_s", 10.0 if cluster == "slurm" else 1.0))
+    if folder is None:
+        folder = Path(os.path.commonpath([str(r.run_dir) for r in todo])) / ".slurm"
+    threads = max(1, int(options.get("cpus_per_task") or 1))
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor.update_parameters(name="equimodal-bench", **options)
+    jobs = executor.map_array(
+        run_one,
+        [r.config for r in todo],
+        [str(r.run_dir) for r in todo],
+        [threads] * len(todo),
+    )
+    by_id = {id(job): run for job, run in zip(jobs, todo, strict=True)}
+    failures: list[tuple[BenchRun, BaseException]] = []
+    try:
+        # debug runs a job when it is asked about, so it is asked in order
+        ended = jobs if cluster == "debug" else helpers.as_completed(jobs, poll_frequency=poll)
+        for job in ended:
+            run = by_id[id(job)]
+            error: BaseException | None = None
+            try:
+                job.result()
+            except Exception as exc:  # one failed run must not stop the grid
+                error = _job_error(job, exc)
+                failures.append((run, error))
+            if on_done:
+                on_done(run, error)
+    except BaseException:
+        for job in jobs:  # interrupted (Ctrl-C): cancel what is still queued or running
+            with contextlib.suppress(Exception):
+                if cluster == "debug" or not job.done():
+                    job.cancel(check=False)
+        raise
+    return failures
+
+
+def _job_error(job: Any, exc: Exception) -> Exception:
+    """A failed job's error in one line: the last line of its traceback and its log."""
+    text = str(exc)
+    parts = text.split("----------------------")  # submitit: "...trace:", trace, "logs at ..."
+    trace = parts[1] if len(parts) >= 3 else text
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    try:
+        log = f" (log: {job.paths.stderr})"
+    except Exception:  # a job without paths (submitit's debug cluster)
+        log = ""
+    return RuntimeError(f"{last}{log}")

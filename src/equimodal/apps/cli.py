@@ -613,12 +613,50 @@ def bench(
     jobs: Annotated[int, typer.Option(help="Runs in parallel (local process pool).")] = 1,
     executor: Annotated[
         str,
-        typer.Option(help="local (a process pool) or ray (one task per run on a Ray cluster)."),
+        typer.Option(
+            help="local (a process pool), ray (one task per run on a Ray cluster) or slurm "
+            "(one SLURM job per run, a job array, through submitit; logs in OUT/.slurm/)."
+        ),
     ] = "local",
     address: Annotated[
         str | None,
         typer.Option(help="Ray cluster address (with --executor ray; default: a local Ray)."),
     ] = None,
+    slurm_partition: Annotated[
+        str | None, typer.Option(help="SLURM partition (with --executor slurm).")
+    ] = None,
+    slurm_time: Annotated[
+        int | None,
+        typer.Option(help="Time limit of each SLURM job, minutes (with --executor slurm; 60)."),
+    ] = None,
+    slurm_cpus: Annotated[
+        int | None,
+        typer.Option(help="CPUs per SLURM job, also its torch threads (with --executor slurm; 1)."),
+    ] = None,
+    slurm_gpus: Annotated[
+        int | None,
+        typer.Option(
+            help="GPUs per SLURM job (with --executor slurm; the config's train.device "
+            "decides whether they are used)."
+        ),
+    ] = None,
+    slurm_mem: Annotated[
+        float | None, typer.Option(help="Memory per SLURM job, GB (with --executor slurm).")
+    ] = None,
+    slurm_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Extra sbatch parameter KEY=VALUE, e.g. account=myproj or qos=short "
+            "(with --executor slurm; repeatable)."
+        ),
+    ] = None,
+    slurm_cluster: Annotated[
+        str,
+        typer.Option(
+            help="slurm, or submitit's local / debug, which run the jobs on this machine "
+            "(with --executor slurm; for trying a bench file)."
+        ),
+    ] = "slurm",
 ) -> None:
     """Run a grid of runs (resumable) and write summary.md and summary.csv."""
 
@@ -641,15 +679,30 @@ def bench(
 
     if jobs < 1:
         _fail(f"--jobs must be at least 1, got {jobs}")
-    if executor not in ("local", "ray"):
-        _fail(f"--executor must be 'local' or 'ray', got {executor!r}")
+    if executor not in ("local", "ray", "slurm"):
+        _fail(f"--executor must be 'local', 'ray' or 'slurm', got {executor!r}")
     if address is not None and executor != "ray":
         _fail("--address needs --executor ray")
+    slurm = _slurm_options(
+        executor,
+        slurm_partition,
+        slurm_time,
+        slurm_cpus,
+        slurm_gpus,
+        slurm_mem,
+        slurm_param,
+        slurm_cluster,
+        out_dir,
+    )
     try:
         if executor == "ray":
             from equimodal.apps.bench import require_ray
 
             require_ray()
+        if executor == "slurm":
+            from equimodal.apps.bench import require_submitit
+
+            require_submitit()
         runs, reference = load_bench(bench_file, out_dir)
         trials, tuning_runs = load_tuning(bench_file, out_dir)
         robustness = bench_wants_robustness(bench_file)
@@ -670,6 +723,7 @@ def bench(
             jobs,
             executor,
             address,
+            slurm,
         )
         try:
             chosen, record = choose_settings(trials, tuning_runs)
@@ -686,7 +740,7 @@ def bench(
         for (dataset, label), settings in sorted(chosen.items()):
             text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(no settings)"
             err.print(f"chosen on validation: {dataset} {label}: {text}", highlight=False)
-    failures = _run_grid(runs, "", out_dir, jobs, executor, address)
+    failures = _run_grid(runs, "", out_dir, jobs, executor, address, slurm)
     from equimodal.apps.report import write_report
 
     try:  # each file is written whole or not at all (a full disk ends here in one line)
@@ -810,7 +864,73 @@ def _summary_tables(rows: list[dict[str, Any]], columns: list[tuple[str, Any]]) 
     return tables
 
 
-def _run_grid(runs, what: str, where: Path, jobs: int, executor: str, address: str | None):
+def _slurm_options(
+    executor: str,
+    partition: str | None,
+    time_min: int | None,
+    cpus: int | None,
+    gpus: int | None,
+    mem_gb: float | None,
+    params: list[str] | None,
+    cluster: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """``bench``'s --slurm-* options as :func:`equimodal.apps.bench.execute`'s keyword
+    arguments (``slurm_options`` and ``slurm_folder``: ``OUT/.slurm``); exits with code 2
+    on a bad one, or on one given without ``--executor slurm``."""
+    given = {
+        "--slurm-partition": partition,
+        "--slurm-time": time_min,
+        "--slurm-cpus": cpus,
+        "--slurm-gpus": gpus,
+        "--slurm-mem": mem_gb,
+        "--slurm-param": params or None,
+        "--slurm-cluster": None if cluster == "slurm" else cluster,
+    }
+    if executor != "slurm":
+        for name, value in given.items():
+            if value is not None:
+                _fail(f"{name} needs --executor slurm")
+        return {}
+    if cluster not in ("slurm", "local", "debug"):
+        _fail(f"--slurm-cluster must be 'slurm', 'local' or 'debug', got {cluster!r}")
+    for name, value, least in (
+        ("--slurm-time", time_min, 1),
+        ("--slurm-cpus", cpus, 1),
+        ("--slurm-gpus", gpus, 0),
+    ):
+        if value is not None and value < least:
+            _fail(f"{name} must be at least {least}, got {value}")
+    if mem_gb is not None and mem_gb <= 0:
+        _fail(f"--slurm-mem must be positive, got {mem_gb}")
+    extra: dict[str, str] = {}
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--slurm-param must be KEY=VALUE, got {item!r}")
+        extra[key.strip().removeprefix("--").replace("-", "_")] = value
+    options: dict[str, Any] = {
+        "cluster": cluster,
+        "slurm_partition": partition,
+        "timeout_min": time_min,
+        "cpus_per_task": cpus,
+        "gpus_per_node": gpus,
+        "mem_gb": mem_gb,
+        "slurm_additional_parameters": extra or None,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    return {"slurm_options": options, "slurm_folder": out_dir / ".slurm"}
+
+
+def _run_grid(
+    runs,
+    what: str,
+    where: Path,
+    jobs: int,
+    executor: str,
+    address: str | None,
+    slurm: dict[str, Any] | None = None,
+):
     """Announce the grid, train its pending ``runs`` with a progress bar, report the
     failures; returns them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -840,7 +960,9 @@ def _run_grid(runs, what: str, where: Path, jobs: int, executor: str, address: s
                 task, advance=1, description=f"{run.dataset} {run.label} s{run.seed} {state}"
             )
 
-        failures = execute(runs, jobs=jobs, on_done=done, executor=executor, address=address)
+        failures = execute(
+            runs, jobs=jobs, on_done=done, executor=executor, address=address, **(slurm or {})
+        )
     for run, error in failures:
         err.print(f"[red]failed:[/] {run.run_dir}: {error}", highlight=False)
     return failures
@@ -866,7 +988,14 @@ def diagnose(
     try:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
-        diagnosis = diagnose_run(run_dir, competition=competition, draws=draws)
+        diagnosis = diagnose_run(
+            run_dir,
+            competition=competition,
+            draws=draws,
+            progress=lambda step: err.print(
+                f"diagnose: {step} ({time.perf_counter() - started:.1f} s)", highlight=False
+            ),
+        )
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,29 @@ def model_decision_diagnostics(model: Any, cache: Any) -> dict[str, dict[str, An
     )
 
 
-def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5) -> Diagnosis:
-    """Measure everything the diagnose report shows for a run's best checkpoint."""
+def diagnose_run(
+    run_dir: str | Path,
+    competition: bool = False,
+    draws: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> Diagnosis:
+    """Measure everything the diagnose report shows for a run's best checkpoint;
+    ``progress`` is told each step as it starts (the CLI shows them)."""
+    step = progress or (lambda message: None)
     from equimodal.apps.report import load_metrics
     from equimodal.engine.trainer import load_run
     from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
     from equimodal.evaluation.robustness import evaluate_robustness
 
     run_dir = Path(run_dir)
+    step("loading the run and its best checkpoint")
     metrics = load_metrics(run_dir)
     cfg, model, strategy, data = load_run(run_dir)
     prior = class_prior(data.train.labels, data.num_classes)
     inference = strategy.inference_kwargs()
+    step("encoding the train, validation and test splits")
     caches = {name: encode_split(model, data.split(name)) for name in ("train", "val", "test")}
+    step("Shapley values and EDM on validation and test")
     splits = {}
     for name in ("val", "test"):
         report = evaluate_cache(
@@ -145,6 +156,7 @@ def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5)
     source = "validation accuracy of a unimodal model per modality (cached runs)"
     if not ability:
         source = "validation accuracy of a linear probe on the frozen encoder features"
+        step("stand-alone abilities: a linear probe per modality")
         ability = {}
         for m in model.modalities:
             tr, va = caches["train"], caches["val"]
@@ -159,6 +171,7 @@ def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5)
     # a fusion without per-modality logits has no decision layer to diagnose
     with contextlib.suppress(AttributeError, NotImplementedError):
         decision = model_decision_diagnostics(model, caches["test"])
+    step(f"robustness: missing modalities and noise, {draws} draw(s) each")
     robustness = evaluate_robustness(
         model, data.test, inference, draws=draws, seed=cfg.seed
     ).to_dict()
@@ -166,6 +179,7 @@ def diagnose_run(run_dir: str | Path, competition: bool = False, draws: int = 5)
     if competition:
         from equimodal.analysis.competition import measure_competition
 
+        step("competition strength: one unimodal model per modality")
         strength = measure_competition(cfg, model, inference, data)
     d = Diagnosis(
         run=str(run_dir),
