@@ -76,6 +76,9 @@ def test_evaluate_robustness_cli_writes_tables_and_plot(tmp_path):
     assert len(data["missing"][0]["draws"]) == 2
     assert (folder / "robustness.png").stat().st_size > 5000
     assert "| missing rate eta" in (folder / "robustness.md").read_text()
+    # each group of conditions is announced as it starts (stderr)
+    for step in ("robustness: missing rate 0.5, 2 draw(s)", "robustness: noise sigma 5, 2 draw"):
+        assert step in result.output
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--robustness", "--draws", "0"])
     assert bad.exit_code == 2
 

@@ -530,7 +530,12 @@ def evaluate(
         if draws < 1:
             _fail(f"--draws must be at least 1, got {draws}")
         result = evaluate_robustness(
-            model, data.test, strategy.inference_kwargs(), draws=draws, seed=cfg.seed
+            model,
+            data.test,
+            strategy.inference_kwargs(),
+            draws=draws,
+            seed=cfg.seed,
+            progress=lambda step: err.print(f"robustness: {step}", highlight=False),
         )
         out.print(robustness_markdown(result), highlight=False, markup=False)
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,11 @@ def evaluate_robustness(
     seed: int = 0,
     batch_size: int = 2048,
     device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
 ) -> RobustnessResult:
-    """Score ``model`` on ``split`` under every subset, missing rate and noise level."""
+    """Score ``model`` on ``split`` under every subset, missing rate and noise level;
+    ``progress`` is told each group of conditions as it starts (the CLI shows them)."""
+    step = progress or (lambda message: None)
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
     inference = dict(inference or {})
@@ -143,11 +146,13 @@ def evaluate_robustness(
         logits = predict_logits(model, c, modalities=members or names, **inference)
         return _scores(logits, labels)
 
+    step("all modalities and every subset of them")
     result = RobustnessResult(modalities=names, full=score(cache), draws=draws)
     for size in range(1, len(names) + 1):
         for members in itertools.combinations(names, size):
             result.subsets.append({"modalities": list(members), **score(cache, members)})
     for eta in etas:
+        step(f"missing rate {eta:g}, {draws} draw(s)")
         generator = torch.Generator().manual_seed(seed * 7919 + int(round(eta * 1000)))
         accs, f1s = [], []
         for _ in range(draws):
@@ -157,6 +162,7 @@ def evaluate_robustness(
             f1s.append(s["macro_f1"])
         result.missing.append(_summary("eta", eta, accs, f1s))
     for sigma in sigmas:
+        step(f"noise sigma {sigma:g}, {draws} draw(s)")
         generator = torch.Generator().manual_seed(seed * 104729 + int(round(sigma * 1000)))
         accs, f1s = [], []
         for _ in range(draws):
