@@ -216,3 +216,17 @@ def test_test_split_never_tunes_inference(small_config, monkeypatch):
     data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
     Trainer(config, data=data, progress=False).fit()
     assert seen and set(seen) == {len(data.val)} and len(data.test) != len(data.val)
+
+
+def test_train_context_generator_follows_the_run_seed():
+    from equimodal.strategies import TrainContext
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def draws(seed):
+        ctx = TrainContext(model, optimizer, ("a", "b"), 2, seed=seed)  # type: ignore[arg-type]
+        return torch.rand(4, generator=ctx.generator)
+
+    assert torch.equal(draws(3), draws(3))
+    assert not torch.equal(draws(3), draws(4))

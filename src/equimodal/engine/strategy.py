@@ -8,7 +8,7 @@ Concrete methods live in :mod:`equimodal.strategies` (one file each); the loop i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -33,9 +33,16 @@ class TrainContext:
     num_classes: int
     seed: int
     grad_clip: float | None = None
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    #: a CPU generator seeded from ``seed`` (when not given). Its state is not in the
+    #: checkpoints: a strategy whose draws must continue exactly after ``--resume`` keeps
+    #: its own generator in its state (``opm``, ``amco`` do)
+    generator: torch.Generator | None = None
     #: how many batches (training steps' calls) the loop gives each epoch (None: unknown)
     batches_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
 
     def optimizer_step(
         self, loss: torch.Tensor, modify_gradients: Callable[[], None] | None = None
