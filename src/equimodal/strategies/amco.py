@@ -72,6 +72,7 @@ from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -119,7 +120,7 @@ def dependence_shares(
     concatenated logits (absent modalities get none); rows with no modality are left out."""
     names = list(logits)
     blocks = [logits[m].masked_fill(~present[m].unsqueeze(1), float("-inf")) for m in names]
-    rows = torch.stack([present[m] for m in names], 1).any(1)
+    rows = any_present(present, names)
     if not bool(rows.any()):
         return {m: 0.0 for m in names}
     probs = torch.softmax(torch.cat(blocks, 1)[rows], 1)
@@ -167,12 +168,10 @@ class AMCoStrategy(Strategy):
         size = ctx.num_classes if cfg.mask_on == "logits" else model.dim
         mask = random_mask(size, ratio, self.generator)
         z = model.encode(batch)
-        any_present = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            any_present |= batch.present[m]
+        rows = any_present(batch.present)
         if not cfg.modulation_start <= self.epoch <= cfg.modulation_end:
             fused = model.fuse(z, batch.present).logits
-            loss = masked_cross_entropy(fused, batch.labels, any_present)
+            loss = masked_cross_entropy(fused, batch.labels, rows)
             ctx.optimizer_step(loss)
             return {"loss": float(loss.detach())}
         dependent = [m for m in ctx.modalities if self.dependent.get(m, False)]
@@ -189,7 +188,7 @@ class AMCoStrategy(Strategy):
                 share = unimodal[m] * (1.0 - mk) * batch.present[m].unsqueeze(1).to(mk)
                 fused = fused - share  # the masked entries leave the fused logits
                 unimodal[m] = unimodal[m] * mk
-        fused_loss = masked_cross_entropy(fused, batch.labels, any_present)
+        fused_loss = masked_cross_entropy(fused, batch.labels, rows)
         uni_losses = {
             m: masked_cross_entropy(unimodal[m], batch.labels, batch.present[m])
             for m in ctx.modalities

@@ -8,7 +8,7 @@ the global batch under torchrun.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,17 @@ def masked_cross_entropy(
     return F.cross_entropy(logits[rows], labels[rows])
 
 
+def any_present(
+    present: Mapping[str, torch.Tensor], modalities: Iterable[str] | None = None
+) -> torch.Tensor:
+    """The rows that have at least one of ``modalities`` (all of ``present``'s by default)."""
+    names = list(present if modalities is None else modalities)
+    rows = torch.zeros_like(present[names[0]], dtype=torch.bool)
+    for m in names:
+        rows = rows | present[m]
+    return rows
+
+
 def mean_or_zero(losses: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
     """Mean of the non-None losses, or a zero tensor on ``like``'s graph."""
     kept = [loss for loss in losses if loss is not None]
@@ -45,6 +56,7 @@ def mean_or_zero(losses: Sequence[torch.Tensor | None], like: torch.Tensor) -> t
 __all__ = [
     "Strategy",
     "TrainContext",
+    "any_present",
     "masked_cross_entropy",
     "mean_or_zero",
     "register_strategy",

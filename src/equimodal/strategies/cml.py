@@ -69,6 +69,7 @@ from equimodal.models.model import MultimodalModel
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -171,13 +172,6 @@ def confidence_penalty(
     return torch.relu(total) if penalty == "batch" else total
 
 
-def _any_present(present: Mapping[str, torch.Tensor], subset: Sequence[str]) -> torch.Tensor:
-    rows = torch.zeros_like(present[subset[0]])
-    for m in subset:
-        rows = rows | present[m]
-    return rows
-
-
 def cml_losses(
     model: MultimodalModel,
     z: Mapping[str, torch.Tensor],
@@ -193,7 +187,7 @@ def cml_losses(
     labels, present = batch.labels, batch.present
     logits = [subset_logits(model, z, present, s, config.remove_by) for s in subsets]
     ce_terms = [
-        masked_cross_entropy(lg, labels, _any_present(present, s))
+        masked_cross_entropy(lg, labels, any_present(present, s))
         for lg, s in zip(logits, subsets, strict=True)
     ]
     ce = torch.stack(ce_terms).sum() / len(names) if config.subset_ce else ce_terms[0]
@@ -202,7 +196,7 @@ def cml_losses(
     terms = []
     for k in range(1, len(subsets)):
         removed = next(m for m in subsets[k - 1] if m not in subsets[k])
-        rows = present[removed] & _any_present(present, subsets[k])
+        rows = present[removed] & any_present(present, subsets[k])
         exempt = None
         if config.exempt_corrected:
             exempt = (preds[k] == labels) & (preds[k - 1] != labels)
@@ -255,7 +249,7 @@ class CMLStrategy(Strategy):
         ctx = self.context
         z = ctx.model.encode(batch, ctx.modalities)
         if not self.regularising():
-            rows = _any_present(batch.present, list(z))
+            rows = any_present(batch.present, list(z))
             loss = masked_cross_entropy(ctx.model.fuse(z, batch.present).logits, batch.labels, rows)
             ctx.optimizer_step(loss)
             return {"loss": float(loss.detach())}

@@ -10,6 +10,7 @@ from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
+    any_present,
     masked_cross_entropy,
     mean_or_zero,
     register_strategy,
@@ -39,7 +40,7 @@ class JointStrategy(Strategy):
         ctx = self.context
         use_align = ctx.model.fusion_name == "memory" and self.config.align_weight > 0
         out = ctx.model(batch, align_loss=use_align)
-        rows = _any_present(batch)
+        rows = any_present(batch.present)
         ce = masked_cross_entropy(out.logits, batch.labels, rows)
         loss = ce
         logs = {"loss": float(ce.detach())}
@@ -52,11 +53,3 @@ class JointStrategy(Strategy):
 
     def inference_kwargs(self) -> dict[str, Any]:
         return {}
-
-
-def _any_present(batch: MultimodalBatch):
-    present = list(batch.present.values())
-    rows = present[0].clone()
-    for p in present[1:]:
-        rows |= p
-    return rows

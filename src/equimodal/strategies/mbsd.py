@@ -59,7 +59,7 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
+from equimodal.strategies.base import Strategy, any_present, masked_cross_entropy, register_strategy
 
 
 class MBSDConfig(StrategyConfig):
@@ -124,9 +124,7 @@ class MBSDStrategy(Strategy):
         cfg = self.config
         out = ctx.model(batch, with_unimodal=True)
         labels = batch.labels
-        rows = torch.zeros_like(labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         ce = masked_cross_entropy(out.logits, labels, rows)
         logs = {"ce": float(ce.detach())}
         if not cfg.modulation_start <= self.epoch <= cfg.modulation_end:

@@ -54,6 +54,7 @@ from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -143,9 +144,7 @@ class MMCosineStrategy(Strategy):
         fused, unimodal = fused_cosine_logits(
             z, batch.present, ctx.model.decision_weights(), self.config.scaling
         )
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         loss = masked_cross_entropy(fused, batch.labels, rows)
         ctx.optimizer_step(loss)
         logs = {"loss": float(loss.detach())}

@@ -67,7 +67,7 @@ from pydantic import Field
 
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
+from equimodal.strategies.base import Strategy, any_present, masked_cross_entropy, register_strategy
 
 #: the official solver's end points when the optimum lies at (or beyond) a segment end
 GAMMA_HIGH, GAMMA_LOW = 0.999, 0.001
@@ -146,9 +146,7 @@ class MMParetoStrategy(Strategy):
         model = ctx.model
         out = model(batch, with_unimodal=True)
         assert out.unimodal_logits is not None
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         loss_mm = masked_cross_entropy(out.logits, batch.labels, rows)
         losses = {
             m: masked_cross_entropy(out.unimodal_logits[m], batch.labels, batch.present[m])

@@ -41,7 +41,7 @@ from pydantic import Field
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
 from equimodal.models.model import MultimodalModel
-from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
+from equimodal.strategies.base import Strategy, any_present, masked_cross_entropy, register_strategy
 
 
 class OGMGEConfig(StrategyConfig):
@@ -97,9 +97,7 @@ class OGMGEStrategy(Strategy):
     def training_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
         out = ctx.model(batch, with_unimodal=True)
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         loss = masked_cross_entropy(out.logits, batch.labels, rows)
         logs = {"loss": float(loss.detach())}
         cfg = self.config

@@ -70,6 +70,7 @@ from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -158,13 +159,9 @@ class OPMStrategy(Strategy):
         ctx = self.context
         model = ctx.model
         z = model.encode(batch)
-        any_present = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            any_present |= batch.present[m]
+        rows = any_present(batch.present)
         if not self.modulates(self.epoch):
-            loss = masked_cross_entropy(
-                model.fuse(z, batch.present).logits, batch.labels, any_present
-            )
+            loss = masked_cross_entropy(model.fuse(z, batch.present).logits, batch.labels, rows)
             ctx.optimizer_step(loss)
             return {"loss": float(loss.detach())}
         cfg = self.config
@@ -176,7 +173,6 @@ class OPMStrategy(Strategy):
                 scores[m] = float((p * batch.present[m]).sum())
         ratios, q = drop_probabilities(scores, cfg.q_base, cfg.lam)
         keep = sample_keep_masks(q, len(batch), cfg.p_exe, self.generator)
-        rows = any_present
         logs: dict[str, float] = {}
         if keep is not None:
             theta = sum(q.values()) / len(q)

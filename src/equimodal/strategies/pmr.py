@@ -77,6 +77,7 @@ from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -244,9 +245,7 @@ class PMRStrategy(Strategy):
     def training_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
         out = ctx.model(batch)
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         ce = masked_cross_entropy(out.logits, batch.labels, rows)
         self.accumulate(out.features, batch)
         logs = {"loss_ce": float(ce.detach())}

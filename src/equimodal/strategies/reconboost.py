@@ -91,6 +91,7 @@ from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -252,9 +253,7 @@ class ReconBoostStrategy(Strategy):
         model = self.context.model
         z = {k: model.encode_modality(k, batch.inputs[k]) for k in names}
         logits = model.fuse(z, batch.present, modalities=names).logits
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for k in names:
-            rows |= batch.present[k]
+        rows = any_present(batch.present, names)
         return masked_cross_entropy(logits, batch.labels, rows)
 
     def rectify_step(self, batch: MultimodalBatch, names: list[str]) -> dict[str, float]:

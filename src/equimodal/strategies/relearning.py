@@ -78,25 +78,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
-from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
 from equimodal.strategies.base import (
-    Strategy,
     TrainContext,
-    masked_cross_entropy,
-    mean_or_zero,
     register_strategy,
 )
+from equimodal.strategies.joint import JointConfig, JointStrategy
 from equimodal.strategies.udi import STATE_WEIGHTS_LIMIT, decode_tensor, encode_tensor
 
 if TYPE_CHECKING:
     from equimodal.engine.validation import FeatureCache, SplitReport
 
 
-class RelearningConfig(StrategyConfig):
+class RelearningConfig(JointConfig):
     """Options of ``relearning``."""
 
-    name: Literal["relearning"] = "relearning"
+    name: Literal["relearning"] = "relearning"  # type: ignore[assignment]
     move_lambda: float = Field(
         3.0, ge=0.0, description="lambda of alpha_m = tanh(lambda * |purity_train - purity_val|)"
     )
@@ -114,9 +111,6 @@ class RelearningConfig(StrategyConfig):
         1e-4,
         ge=0.0,
         description="k-means stops when the centres move less than tol * mean feature variance",
-    )
-    align_weight: float = Field(
-        0.1, ge=0.0, description="memory fusion only: weight of the alignment loss (as joint)"
     )
 
 
@@ -251,15 +245,15 @@ def soft_reinit(current: torch.Tensor, initial: torch.Tensor, alpha: float) -> t
 
 # ---------------------------------------------------------------------------- strategy
 @register_strategy
-class RelearningStrategy(Strategy):
+class RelearningStrategy(JointStrategy):
     """Joint training with periodic diagnosis and soft re-initialisation; see module doc."""
 
     name = "relearning"
     config_class = RelearningConfig
     default_fusion = "concat"
     fusions = None
-    supports_distributed = False
-    config: RelearningConfig
+    supports_distributed = False  # the diagnosis clusters one process's features
+    config: RelearningConfig  # type: ignore[assignment]
 
     def __init__(self, config: RelearningConfig) -> None:
         super().__init__(config)
@@ -313,25 +307,7 @@ class RelearningStrategy(Strategy):
                     indices=batch.indices,
                 )
             )
-        return self.joint_step(batch)
-
-    def joint_step(self, batch: MultimodalBatch) -> dict[str, float]:
-        """The official training step: ``CE`` of the fused logits (as ``joint``)."""
-        ctx = self.context
-        use_align = ctx.model.fusion_name == "memory" and self.config.align_weight > 0
-        out = ctx.model(batch, align_loss=use_align)
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
-        ce = masked_cross_entropy(out.logits, batch.labels, rows)
-        loss = ce
-        logs = {"loss": float(ce.detach())}
-        if use_align:
-            align = mean_or_zero(out.aux_losses, out.logits)
-            loss = ce + self.config.align_weight * align
-            logs["align"] = float(align.detach())
-        ctx.optimizer_step(loss)
-        return logs
+        return super().training_step(batch)  # the official step is joint training
 
     def prepare_inference(self, cache: FeatureCache) -> None:
         self._val = cache  # the diagnosis clusters these validation features

@@ -35,7 +35,7 @@ from equimodal.balance.edm import edm
 from equimodal.balance.orders import hybrid_order_set, order_from_scores
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, masked_cross_entropy, register_strategy
+from equimodal.strategies.base import Strategy, any_present, masked_cross_entropy, register_strategy
 
 if TYPE_CHECKING:
     from equimodal.engine.validation import FeatureCache, SplitReport
@@ -102,9 +102,7 @@ class ShapleyAlternatingStrategy(Strategy):
         out = ctx.model.fuse(
             zs, batch.present, modalities=prefix, orders=[prefix], align_loss=weight > 0
         )
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in prefix:
-            rows |= batch.present[m]
+        rows = any_present(batch.present, prefix)
         loss = masked_cross_entropy(out.logits, batch.labels, rows)
         logs[f"loss_{key}"] = float(loss.detach())
         last_align = out.aux_losses[-1] if out.aux_losses else None

@@ -89,6 +89,7 @@ from equimodal.models.model import MultimodalModel
 from equimodal.strategies.base import (
     Strategy,
     TrainContext,
+    any_present,
     masked_cross_entropy,
     register_strategy,
 )
@@ -231,9 +232,7 @@ class UMTStrategy(Strategy):
     def _distill_step(self, batch: MultimodalBatch) -> dict[str, float]:
         ctx = self.context
         out = ctx.model(batch)
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in ctx.modalities:
-            rows |= batch.present[m]
+        rows = any_present(batch.present)
         ce = masked_cross_entropy(out.logits, batch.labels, rows)
         total = ce
         logs = {"ce": float(ce.detach())}

@@ -80,7 +80,7 @@ from pydantic import Field
 from equimodal.balance.shapley import shapley_weights
 from equimodal.config import StrategyConfig
 from equimodal.data.batch import MultimodalBatch
-from equimodal.strategies.base import Strategy, TrainContext, register_strategy
+from equimodal.strategies.base import Strategy, TrainContext, any_present, register_strategy
 
 #: ``k(phi)``: one copy for each of these thresholds above ``phi`` (official bins)
 COPY_THRESHOLDS = (1.0, 0.4, -0.1)
@@ -271,9 +271,7 @@ class ValuationStrategy(Strategy):
         if self.config.level == "modality" and self.epoch >= self.config.warmup:
             self.value_share(batch)
         out = model(batch)
-        rows = torch.zeros_like(batch.labels, dtype=torch.bool)
-        for m in names:
-            rows |= batch.present[m]
+        rows = any_present(batch.present, names)
         total = F.cross_entropy(out.logits[rows], batch.labels[rows], reduction="sum")
         seen = int(rows.sum())
         logs: dict[str, float] = {}
