@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from equimodal.config import build_config, load_yaml
 from equimodal.data.batch import MultimodalBatch
 from equimodal.data.registry import load_dataset
-from equimodal.engine.callbacks import Callback
 from equimodal.engine.trainer import Trainer, build_model
 from equimodal.strategies import TrainContext, build_strategy
 
 from .conftest import small_overrides
+from .interrupt import KillAt, Killed, strip_times
 
 SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
 
@@ -468,33 +468,6 @@ def test_short_training_run(strategy, modalities):
     result = Trainer(config_for(strategy, modalities, epochs=3, extra=extra), progress=False).fit()
     assert result.metrics["test"]["accuracy"] > 0.7
     assert len(result.history) == 4
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(Callback):
-    """Stops the run inside ``batch`` of ``epoch`` (an exception, as a crash would)."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch, self.seen = epoch, batch, 0
-
-    def on_epoch_start(self, trainer, state):
-        self.seen = 0
-
-    def on_batch_end(self, trainer, state, logs):
-        self.seen += 1
-        if state.epoch == self.epoch and self.seen == self.batch:
-            raise Killed
-
-
-def strip_times(obj):
-    if isinstance(obj, dict):
-        return {k: strip_times(v) for k, v in obj.items() if not k.endswith("time_s")}
-    if isinstance(obj, list):
-        return [strip_times(v) for v in obj]
-    return obj
 
 
 @pytest.mark.parametrize("strategy", ["agm", "mla"])

@@ -14,12 +14,12 @@ import equimodal.strategies.opm  # noqa: F401  (registers "opm")
 from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
 from equimodal.data.registry import load_dataset
-from equimodal.engine.callbacks import Callback
 from equimodal.engine.trainer import Trainer, build_model
 from equimodal.strategies import TrainContext, build_strategy
 from equimodal.strategies.opm import drop_probabilities, sample_keep_masks
 
 from .conftest import small_overrides
+from .interrupt import KillAt, Killed, strip_times
 
 SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
 
@@ -252,31 +252,6 @@ def test_short_training_run_learns(missing):
     assert result.metrics["test"]["accuracy"] > 0.7  # chance: 0.25
     train = result.history[-1]["train"]
     assert train["q_m0"] > 0 and train["drop_m0"] > 0 and train["drop_m2"] == 0
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(Callback):
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch, self.seen = epoch, batch, 0
-
-    def on_epoch_start(self, trainer, state):
-        self.seen = 0
-
-    def on_batch_end(self, trainer, state, logs):
-        self.seen += 1
-        if state.epoch == self.epoch and self.seen == self.batch:
-            raise Killed
-
-
-def strip_times(obj):
-    if isinstance(obj, dict):
-        return {k: strip_times(v) for k, v in obj.items() if not k.endswith("time_s")}
-    if isinstance(obj, list):
-        return [strip_times(v) for v in obj]
-    return obj
 
 
 def test_resume_continues_exactly_and_the_seed_matters(tmp_path):

@@ -17,11 +17,11 @@ import equimodal.strategies.umt  # noqa: F401
 from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
 from equimodal.data.registry import load_dataset
-from equimodal.engine.callbacks import Callback
 from equimodal.engine.trainer import Trainer, build_model
 from equimodal.strategies import TrainContext, build_strategy
 
 from .conftest import small_overrides
+from .interrupt import KillAt, Killed, strip_times
 
 SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
 
@@ -252,33 +252,6 @@ def test_ensemble_trains_the_unimodal_models_only():
     assert result.strategy.teacher is None
     assert set(result.history[-1]["train"]) == {"loss", "loss_m0", "loss_m1", "loss_m2"}
     assert result.metrics["test"]["accuracy"] > 0.7
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(Callback):
-    """Raises inside ``batch`` of ``epoch``, as a crash would."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch, self.seen = epoch, batch, 0
-
-    def on_epoch_start(self, trainer, state):
-        self.seen = 0
-
-    def on_batch_end(self, trainer, state, logs):
-        self.seen += 1
-        if state.epoch == self.epoch and self.seen == self.batch:
-            raise Killed
-
-
-def strip_times(obj):
-    if isinstance(obj, dict):
-        return {k: strip_times(v) for k, v in obj.items() if not k.endswith("time_s")}
-    if isinstance(obj, list):
-        return [strip_times(v) for v in obj]
-    return obj
 
 
 def test_resume_in_either_stage_continues_exactly(tmp_path):
