@@ -7,7 +7,9 @@ validated by the options model that the strategy registers.
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,6 +221,9 @@ class RunConfig(Section):
 
     name: str | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    #: Python modules imported before the rest is read: they register your own encoders,
+    #: fusions, strategies or datasets (``imports: [mylab.encoders]``)
+    imports: list[str] = Field(default_factory=list)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: SerializeAsAny[StrategyConfig] = Field(
@@ -237,6 +242,14 @@ class RunConfig(Section):
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping with a 'name', got {type(value).__name__}")
         return _strategy_config({"name": DEFAULT_STRATEGY, **value})
+
+    @field_validator("imports")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _MODULE_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a Python module name (a.b.c)")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -271,6 +284,27 @@ class RunConfig(Section):
     def run_name(self) -> str:
         """The run folder name: ``name`` or ``<dataset>-<strategy>-s<seed>``."""
         return self.name or f"{self.dataset.name}-{self.strategy.name}-s{self.seed}"
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def import_modules(names: Any) -> None:
+    """Import the modules of a config's ``imports`` (they register plugins);
+    ConfigError naming the module that fails."""
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"imports: must be a list of module names, got {names!r}")
+    for name in names:
+        if not _MODULE_NAME.fullmatch(name):
+            raise ConfigError(f"imports: {name!r} is not a Python module name (a.b.c)")
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # the user's module: any error is theirs, one line
+            raise ConfigError(
+                f"imports: module {name!r} could not be imported ({type(err).__name__}: {err})"
+            ) from None
 
 
 def _strategy_config(value: dict[str, Any]) -> StrategyConfig:
@@ -380,6 +414,7 @@ def build_config(
         apply_override(tree, path, value)
     if "strategy" in tree and isinstance(tree["strategy"], str):
         tree["strategy"] = {"name": tree["strategy"]}
+    import_modules(tree.get("imports"))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -125,28 +125,71 @@ def diagnose_run(
     competition: bool = False,
     draws: int = 5,
     progress: Callable[[str], None] | None = None,
+    *,
+    data: Any = None,
+    encoders: Any = None,
 ) -> Diagnosis:
     """Measure everything the diagnose report shows for a run's best checkpoint;
-    ``progress`` is told each step as it starts (the CLI shows them)."""
+    ``progress`` is told each step as it starts (the CLI shows them). ``data`` and
+    ``encoders``: what :func:`~equimodal.engine.runs.load_run` needs for a run trained
+    on your own data or modules."""
     step = progress or (lambda message: None)
     from equimodal.apps.report import load_metrics
     from equimodal.engine.trainer import load_run
-    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
-    from equimodal.evaluation.robustness import evaluate_robustness
 
     run_dir = Path(run_dir)
     step("loading the run and its best checkpoint")
     metrics = load_metrics(run_dir)
-    cfg, model, strategy, data = load_run(run_dir)
+    cfg, model, strategy, data = load_run(run_dir, data=data, encoders=encoders)
+    return diagnose(
+        model,
+        data,
+        strategy,
+        seed=cfg.seed,
+        draws=draws,
+        progress=progress,
+        metrics=metrics,
+        competition_config=cfg if competition else None,
+        run=str(run_dir),
+    )
+
+
+def diagnose(
+    model: Any,
+    data: Any,
+    strategy: Any = None,
+    *,
+    seed: int = 0,
+    draws: int = 5,
+    progress: Callable[[str], None] | None = None,
+    metrics: dict[str, Any] | None = None,
+    competition_config: Any = None,
+    run: str = "(model from Python)",
+) -> Diagnosis:
+    """Diagnose a trained ``model`` on ``data`` (a :class:`MultimodalData`) directly.
+
+    ``strategy`` (the trained one, e.g. ``TrainResult.strategy``) sets how the model
+    predicts (its inference options); None predicts with the defaults. ``metrics`` of
+    the run, when known, supply relative EDM and the cached stand-alone abilities;
+    otherwise a linear probe on the frozen features measures each modality's ability.
+    ``competition_config`` (the run's config) also measures competition strength, which
+    trains one unimodal model per modality. The model is moved to the CPU.
+    """
+    step = progress or (lambda message: None)
+    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
+    from equimodal.evaluation.robustness import evaluate_robustness
+
+    metrics = metrics or {}
+    model.cpu().eval()
     prior = class_prior(data.train.labels, data.num_classes)
-    inference = strategy.inference_kwargs()
+    inference = strategy.inference_kwargs() if strategy is not None else {}
     step("encoding the train, validation and test splits")
     caches = {name: encode_split(model, data.split(name)) for name in ("train", "val", "test")}
     step("Shapley values and EDM on validation and test")
     splits = {}
     for name in ("val", "test"):
         report = evaluate_cache(
-            model, caches[name], name, prior, inference=inference, seed=cfg.seed
+            model, caches[name], name, prior, inference=inference, seed=seed
         ).to_dict()
         for key in ("relative_edm", "capability_share"):
             if key in metrics.get(name, {}):
@@ -172,19 +215,17 @@ def diagnose_run(
     with contextlib.suppress(AttributeError, NotImplementedError):
         decision = model_decision_diagnostics(model, caches["test"])
     step(f"robustness: missing modalities and noise, {draws} draw(s) each")
-    robustness = evaluate_robustness(
-        model, data.test, inference, draws=draws, seed=cfg.seed
-    ).to_dict()
+    robustness = evaluate_robustness(model, data.test, inference, draws=draws, seed=seed).to_dict()
     strength = None
-    if competition:
+    if competition_config is not None:
         from equimodal.analysis.competition import measure_competition
 
         step("competition strength: one unimodal model per modality")
-        strength = measure_competition(cfg, model, inference, data)
+        strength = measure_competition(competition_config, model, inference, data)
     d = Diagnosis(
-        run=str(run_dir),
+        run=run,
         dataset=data.info.name,
-        strategy=cfg.strategy.name,
+        strategy=strategy.name if strategy is not None else "(unknown)",
         modalities=list(model.modalities),
         class_names=list(data.info.class_names) or [str(c) for c in range(data.num_classes)],
         splits=splits,

@@ -9,14 +9,18 @@ from __future__ import annotations
 import base64
 import platform
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 import equimodal
 from equimodal.config import RunConfig
+from equimodal.core.registries import DATASETS, ENCODERS, FUSIONS, STRATEGIES
 from equimodal.data.base import DatasetInfo
+from equimodal.models.encoders import USER_MODULE_KIND
 from equimodal.models.model import MultimodalModel
 
 
@@ -73,20 +77,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(t) for t in state["cuda"]])
 
 
-def build_model(config: RunConfig, info: DatasetInfo) -> MultimodalModel:
-    """The model a config describes, for the modalities of ``info``."""
+def build_model(
+    config: RunConfig, info: DatasetInfo, modules: Mapping[str, nn.Module] | None = None
+) -> MultimodalModel:
+    """The model a config describes, for the modalities of ``info``.
+
+    ``modules`` are the user's own encoders by modality (the config records them with
+    kind ``module``, see :func:`record_user_modules`).
+    """
     mc = config.model
+    modules = dict(modules or {})
+    unknown = [m for m in modules if m not in info.modality_names]
+    if unknown:
+        raise ValueError(
+            f"encoders names modality {unknown[0]!r}, which dataset {info.name!r} lacks "
+            f"(it has {', '.join(info.modality_names)})"
+        )
     unknown = [m for m in mc.encoders if m not in info.modality_names]
     if unknown:
         raise ValueError(
             f"model.encoders names modality {unknown[0]!r}, which dataset {info.name!r} lacks "
             f"(it has {', '.join(info.modality_names)})"
         )
-    encoders = {
+    encoders: dict[str, tuple[str, dict[str, Any]] | nn.Module] = {
         spec.name: (enc.kind, enc.options())
         for spec in info.modalities
         for enc in [mc.encoders.get(spec.name, mc.encoder)]
     }
+    encoders.update(modules)
     fusion_options = mc.memory.model_dump() if mc.fusion == "memory" else {}
     return MultimodalModel(
         info.modalities,
@@ -96,6 +114,20 @@ def build_model(config: RunConfig, info: DatasetInfo) -> MultimodalModel:
         encoders=encoders,
         fusion_options=fusion_options,
     )
+
+
+def record_user_modules(config: RunConfig, modules: Mapping[str, nn.Module]) -> RunConfig:
+    """``config`` with each of the user's ``modules`` recorded as an encoder of kind
+    ``module`` (its class named), so the saved config says what a reload needs."""
+    if not modules:
+        return config
+    encoders = {m: e.model_dump() for m, e in config.model.encoders.items()}
+    for m, module in modules.items():
+        cls = type(module)
+        encoders[m] = {"kind": USER_MODULE_KIND, "cls": f"{cls.__module__}.{cls.__qualname__}"}
+    tree = config.model_dump(mode="json")
+    tree["model"]["encoders"] = encoders
+    return RunConfig.model_validate(tree)
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -132,3 +164,38 @@ def library_versions() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _defining_module(obj: Any) -> str | None:
+    for attr in ("build", "loader"):  # an EncoderKind, a DatasetEntry
+        obj = getattr(obj, attr, obj)
+    return getattr(obj, "__module__", None)
+
+
+def plugin_modules(config: RunConfig) -> tuple[list[str], list[str]]:
+    """Where the non-built-in parts a run uses were registered.
+
+    Returns ``(modules, from_scripts)``: the importable modules (not equimodal's own) that
+    registered the run's encoder kinds, fusion, strategy or dataset, which a saved config
+    lists under ``imports`` so that ``equimodal evaluate`` rebuilds the run; and a
+    description of each part registered in a script (``__main__``), which nothing can
+    import again.
+    """
+    mc = config.model
+    used = [("encoder", ENCODERS, e.kind) for e in [mc.encoder, *mc.encoders.values()]]
+    used += [("fusion", FUSIONS, mc.fusion), ("strategy", STRATEGIES, config.strategy.name)]
+    if config.dataset.name in DATASETS:
+        used.append(("dataset", DATASETS, config.dataset.name))
+    modules: list[str] = []
+    scripts: list[str] = []
+    for what, registry, name in used:
+        if name is None or name not in registry:
+            continue
+        module = _defining_module(registry.get(name))
+        if module is None or module == "equimodal" or module.startswith("equimodal."):
+            continue
+        if module == "__main__":
+            scripts.append(f"{what} {name!r}")
+        elif module not in modules:
+            modules.append(module)
+    return modules, scripts

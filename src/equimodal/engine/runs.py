@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from equimodal.config import RunConfig, build_config, load_yaml
+from equimodal.config import ConfigError, RunConfig, build_config, load_yaml
 from equimodal.core.files import write_text_atomic
+from equimodal.core.registries import DATASETS
 from equimodal.data.base import MultimodalData
 from equimodal.data.registry import load_dataset
 from equimodal.engine.build import build_model
@@ -20,15 +22,40 @@ from equimodal.models.model import MultimodalModel
 
 
 def load_run(
-    run_dir: str | Path, which: str = "best"
+    run_dir: str | Path,
+    which: str = "best",
+    *,
+    data: MultimodalData | None = None,
+    encoders: Mapping[str, torch.nn.Module] | None = None,
 ) -> tuple[RunConfig, MultimodalModel, Strategy, MultimodalData]:
-    """Rebuild a saved run: its config, data (same seed and splits), model and strategy."""
+    """Rebuild a saved run: its config, data (same seed and splits), model and strategy.
+
+    A run trained on data from Python (:func:`equimodal.data.custom.make_data`) needs
+    that ``data`` again, and one trained with your own encoder modules needs the same
+    ``encoders`` (their weights are loaded from the checkpoint). Modules the config
+    lists under ``imports`` are imported first.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
-    config = build_config(load_yaml(run_dir / "config.yaml"))
-    data = load_dataset(config.dataset.name, seed=config.seed, **config.dataset.options)
-    model = build_model(config, data.info)
+    raw = load_yaml(run_dir / "config.yaml")
+    try:
+        config = build_config(raw)
+    except ConfigError as err:
+        if "unknown" not in str(err):
+            raise
+        raise ConfigError(
+            f"{run_dir / 'config.yaml'}: {err}; the run was trained with a part registered "
+            "from Python: import or register it before loading the run"
+        ) from None
+    if data is None:
+        if config.dataset.name not in DATASETS:
+            raise ValueError(
+                f"run {str(run_dir)!r} was trained on data passed from Python (dataset "
+                f"{config.dataset.name!r}); pass it again: load_run(RUN, data=...)"
+            )
+        data = load_dataset(config.dataset.name, seed=config.seed, **config.dataset.options)
+    model = build_model(config, data.info, encoders)
     path = run_dir / "checkpoints" / f"{which}.safetensors"
     state, meta, _ = read_checkpoint(path)
     load_model_state(model, state, str(path))

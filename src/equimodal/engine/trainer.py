@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from equimodal.engine.build import (
     build_optimizer,
     build_scheduler,
     library_versions,
+    plugin_modules,
+    record_user_modules,
     seed_everything,
     select_device,
     set_rng_state,
@@ -124,8 +126,10 @@ class Trainer:
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         resume: bool = False,
         callbacks: Sequence[Callback] = (),
+        encoders: Mapping[str, torch.nn.Module] | None = None,
     ) -> None:
-        self.config = config
+        self.encoders = dict(encoders or {})
+        self.config = _record_origins(record_user_modules(config, self.encoders), run_dir)
         self.data = data
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.show_progress = progress
@@ -228,7 +232,7 @@ class Trainer:
         info = data.info
         main = group.is_main
         seed_everything(cfg.seed, tc.deterministic)
-        model = build_model(cfg, info).to(device)
+        model = build_model(cfg, info, self.encoders).to(device)
         self.model = model  # readable from callbacks
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
@@ -254,7 +258,7 @@ class Trainer:
             )
         )
         for name, split in splits.items():
-            if len(split) == 0:
+            if len(split) == 0 and (name != "test" or tc.score_test):
                 raise ValueError(f"dataset {info.name!r}: the {name} split is empty")
         train, val, test = splits["train"], splits["val"], splits["test"]
         prior = class_prior(data.train.labels, info.num_classes)
@@ -502,6 +506,23 @@ class Trainer:
         if not group.is_main:
             strategy.load_state_dict(state)
         return payload
+
+
+def _record_origins(config: RunConfig, run_dir: str | Path | None) -> RunConfig:
+    """``config`` with the modules that registered its plugins added to ``imports``;
+    warns when a saved run uses a part registered in a script (it cannot be reloaded)."""
+    modules, scripts = plugin_modules(config)
+    if scripts and run_dir is not None:
+        warnings.warn(
+            f"the run uses {', '.join(scripts)}, registered in your script: `equimodal "
+            "evaluate` and the other commands cannot rebuild it (register it in an "
+            "importable module, or register it again before load_run)",
+            stacklevel=3,
+        )
+    missing = [m for m in modules if m not in config.imports]
+    if not missing:
+        return config
+    return config.model_copy(update={"imports": [*config.imports, *missing]})
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -12,6 +12,7 @@ from equimodal.engine.validation import (
     predict_logits,
 )
 from equimodal.evaluation.robustness import RobustnessResult, evaluate_robustness
+from equimodal.evaluation.scores import evaluate
 
 __all__ = [
     "FeatureCache",
@@ -19,6 +20,7 @@ __all__ = [
     "SplitReport",
     "class_prior",
     "encode_split",
+    "evaluate",
     "evaluate_cache",
     "evaluate_robustness",
     "predict_coalition_logits",

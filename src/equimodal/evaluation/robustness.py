@@ -30,6 +30,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from equimodal.core.files import save_figure
+from equimodal.data.custom import as_split
 from equimodal.data.missing import drop_modalities
 from equimodal.engine.validation import FeatureCache, encode_split, predict_logits
 from equimodal.models.model import MultimodalModel
@@ -132,10 +133,16 @@ def evaluate_robustness(
     progress: Callable[[str], None] | None = None,
 ) -> RobustnessResult:
     """Score ``model`` on ``split`` under every subset, missing rate and noise level;
-    ``progress`` is told each group of conditions as it starts (the CLI shows them)."""
+    ``progress`` is told each group of conditions as it starts (the CLI shows them).
+
+    ``split`` is a split of a :class:`~equimodal.data.base.MultimodalData` or your own
+    data in any form :func:`equimodal.data.custom.as_split` takes; ``inference`` is the
+    trained strategy's ``inference_kwargs()`` (None: the model's defaults).
+    """
     step = progress or (lambda message: None)
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
+    split = as_split(split, "split")  # also tensors, a dataset or a DataLoader of yours
     inference = dict(inference or {})
     readable = inference.pop("modalities", None)
     names = [m for m in model.modalities if readable is None or m in readable]

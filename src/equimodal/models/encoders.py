@@ -120,3 +120,30 @@ def build_encoder(spec: ModalitySpec, kind: str, **options: object) -> nn.Module
         raise ValueError(f"modality {spec.name!r}: {err}") from None
     checked = entry.options.model_validate(dict(options)).model_dump()
     return entry.build(spec, **checked)
+
+
+class ModuleOptions(BaseModel):
+    """Options of the ``module`` kind: which class the user's encoder was (for messages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``package.module.ClassName`` of the module passed from Python
+    cls: str = ""
+
+
+#: the kind a config records for an encoder passed from Python as an ``nn.Module``
+USER_MODULE_KIND = "module"
+
+
+@register_encoder(
+    USER_MODULE_KIND,
+    ModuleOptions,
+    "your own nn.Module, passed from Python (Trainer(encoders=...), equimodal.fit)",
+)
+def _build_user_module(spec: ModalitySpec, **options: Any) -> nn.Module:
+    cls = options.get("cls") or "an nn.Module"
+    raise ValueError(
+        f"modality {spec.name!r} was trained with your own encoder ({cls}), passed from "
+        f"Python; pass the same module again: load_run(RUN, encoders={{{spec.name!r}: "
+        "module}) (the command line cannot rebuild it)"
+    )

@@ -56,6 +56,44 @@ def induce_orders(
     return induced, [totals[o] for o in induced]
 
 
+def module_out_dim(module: nn.Module, spec: ModalitySpec) -> int:
+    """The feature width of a user's encoder: its ``out_dim`` attribute, or measured.
+
+    Without ``out_dim`` the module encodes two zero samples of ``spec.shape`` (in eval
+    mode, no gradient; its mode is restored) and must return ``(2, width)``.
+    """
+    declared = getattr(module, "out_dim", None)
+    if declared is not None:
+        if not isinstance(declared, int) or declared < 1:
+            raise ValueError(
+                f"modality {spec.name!r}: the encoder's out_dim must be a positive int, "
+                f"got {declared!r}"
+            )
+        return declared
+    was_training = module.training
+    module.eval()
+    try:
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            out = module(torch.zeros((2, *spec.shape), device=device))
+    except Exception as err:
+        raise ValueError(
+            f"modality {spec.name!r}: could not run the encoder {type(module).__name__} on "
+            f"a zero input of shape (2, {', '.join(map(str, spec.shape))}) to measure its "
+            f"output width ({type(err).__name__}: {err}); give it an out_dim attribute"
+        ) from None
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"modality {spec.name!r}: the encoder {type(module).__name__} must return "
+            f"(batch, features), got {shape}"
+        )
+    return int(out.shape[1])
+
+
 class Projection(nn.Module):
     """``z = LayerNorm(W f + b)``: an encoder feature mapped to the common width."""
 
@@ -88,7 +126,7 @@ class MultimodalModel(nn.Module):
         num_classes: int,
         dim: int = 128,
         fusion: str = "concat",
-        encoders: Mapping[str, tuple[str, Mapping[str, object]]] | None = None,
+        encoders: Mapping[str, tuple[str, Mapping[str, object]] | nn.Module] | None = None,
         fusion_options: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
@@ -106,10 +144,15 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict()
         self.projections = nn.ModuleDict()
         for spec in self.specs:
-            kind, options = encoders.get(spec.name, ("mlp", {}))
-            encoder = build_encoder(spec, kind, **dict(options))
+            given = encoders.get(spec.name, ("mlp", {}))
+            if isinstance(given, nn.Module):  # the user's own module
+                encoder, out_dim = given, module_out_dim(given, spec)
+            else:
+                kind, options = given
+                encoder = build_encoder(spec, kind, **dict(options))
+                out_dim = encoder.out_dim
             self.encoders[spec.name] = encoder
-            self.projections[spec.name] = Projection(encoder.out_dim, dim)
+            self.projections[spec.name] = Projection(out_dim, dim)
         self.fusion_name = fusion
         self.fusion: Fusion = build_fusion(
             fusion, self.modalities, dim, num_classes, **dict(fusion_options or {})
