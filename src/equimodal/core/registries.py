@@ -46,6 +46,7 @@ ENCODERS: Registry[Any] = Registry(
     builtins=(
         "equimodal.models.encoders",
         "equimodal.models.resnet",
+        "equimodal.models.backbones",
         "equimodal.models.text",
         "equimodal.models.sequence",
     ),

@@ -9,6 +9,7 @@ decoded by ffmpeg (:func:`equimodal.data.frames.find_ffmpeg`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import gcd
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def fix_length(wave: np.ndarray | torch.Tensor, sample_rate: int, seconds: float
 
 # --------------------------------------------------------------------------- spectrograms
 def _window(name: str, length: int) -> torch.Tensor:
-    windows = {
+    windows: dict[str, Callable[..., torch.Tensor]] = {
         "hann": torch.hann_window,
         "hamming": torch.hamming_window,
         "blackman": torch.blackman_window,
@@ -119,17 +120,31 @@ def stft_frames(num_samples: int, hop: int) -> int:
 
 
 def log_stft(
-    wave: np.ndarray | torch.Tensor, n_fft: int = 512, hop: int = 353, window: str = "hann"
+    wave: np.ndarray | torch.Tensor,
+    n_fft: int = 512,
+    hop: int = 353,
+    window: str = "hann",
+    pad_mode: str = "constant",
 ) -> torch.Tensor:
     """``log(|STFT| + 1e-7)`` of a mono waveform, shape ``(1, n_fft // 2 + 1, T)``.
 
-    Centred frames (zero padding of ``n_fft // 2`` at both ends, as librosa's default),
-    so ``T = 1 + N // hop``; a periodic window of length ``n_fft``. With OGM-GE's CREMA-D
-    settings (3 s at 22050 Hz, n_fft 512, hop 353) the result is 257 x 188.
+    ``librosa.stft(wave, n_fft=n_fft, hop_length=hop)`` followed by ``log(|.| + 1e-7)``,
+    as in OGM-GE's CREMA-D loader: centred frames, the waveform padded by ``n_fft // 2``
+    at both ends, so ``T = 1 + N // hop``; a periodic window of length ``n_fft``. The
+    padding is zeros (``pad_mode="constant"``, librosa's default since 0.9); librosa
+    before 0.9 reflected the waveform (``pad_mode="reflect"``), which changes only the
+    first and last frame. With OGM-GE's CREMA-D settings (3 s at 22050 Hz, n_fft 512,
+    hop 353) the result is 257 x 188.
     """
     x = _as_tensor(wave)
     if x.shape[0] == 0:
         raise ValueError("cannot take the STFT of an empty waveform")
+    if pad_mode not in ("constant", "reflect"):
+        raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+    if pad_mode == "reflect" and x.shape[0] <= n_fft // 2:
+        raise ValueError(
+            f"reflect padding needs more than n_fft // 2 = {n_fft // 2} samples, got {x.shape[0]}"
+        )
     spec = torch.stft(
         x,
         n_fft=n_fft,
@@ -137,7 +152,7 @@ def log_stft(
         win_length=n_fft,
         window=_window(window, n_fft),
         center=True,
-        pad_mode="constant",
+        pad_mode=pad_mode,
         return_complex=True,
     )
     return torch.log(spec.abs() + 1e-7).to(torch.float32).unsqueeze(0)
@@ -197,6 +212,13 @@ def log_mel_fbank(
     (``T = 1 + (N - win) // hop``), each frame's mean removed, pre-emphasis 0.97, a
     symmetric Hann window, power spectrum on ``n_fft`` points (next power of two of the
     frame), mel filters of :func:`mel_filterbank`, natural log floored at float eps.
+
+    This is Kaldi's ``compute-fbank-feats`` with ``--dither=0 --window-type=hanning
+    --use-energy=false`` and the same bins and frequencies; the test suite checks it
+    against kaldi-native-fbank (log-mel within 1e-3 wherever the energy is within 60 dB
+    of the frame's strongest bin). With 128 bins at 16 kHz one low filter is narrower
+    than an FFT bin and covers none, so it reads ``log(eps)`` in every frame, as
+    torchaudio's ``kaldi.fbank`` gives; Kaldi itself refuses that setting.
     """
     x = _as_tensor(wave)
     win = int(round(0.025 * sample_rate)) if win_length is None else int(win_length)
