@@ -579,6 +579,7 @@ def modality_folder_missing(ctx: Ctx) -> Bad:
 
 
 def corrupt_wav(ctx: Ctx) -> Bad:
+    pytest.importorskip("soundfile", reason="needs soundfile (pip install 'equimodal[media]')")
     from equimodal.data.audio import read_wav
 
     raw = ctx.tmp / "raw"

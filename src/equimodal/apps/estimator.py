@@ -121,13 +121,22 @@ class EquimodalClassifier(ClassifierMixin, BaseEstimator):
         The strategy's options (``strategy.<key>`` of a run config).
     fusion : str or None
         A registered fusion; None: the strategy's default.
-    epochs, patience, batch_size : int
-        The training loop (``train.*``); ``patience=None`` turns early stopping off.
-    lr, weight_decay : float
-        AdamW's learning rate and weight decay (``optim.*``).
-    dim, hidden, dropout :
-        Common feature width (``model.dim``) and the MLP encoders' hidden width and
-        dropout (``model.encoder.*``).
+    epochs : int
+        The most epochs of the training loop (``train.epochs``).
+    patience : int or None
+        Early stopping's patience in epochs (``train.patience``); None turns it off.
+    batch_size : int
+        The training batch size (``train.batch_size``).
+    lr : float
+        AdamW's learning rate (``optim.lr``).
+    weight_decay : float
+        AdamW's weight decay (``optim.weight_decay``).
+    dim : int
+        Common feature width (``model.dim``).
+    hidden : int
+        The MLP encoders' hidden width (``model.encoder.hidden``).
+    dropout : float
+        The MLP encoders' dropout (``model.encoder.dropout``).
     standardize : bool
         Z-score each column with the mean and standard deviation of the present training
         rows (the same statistics are applied at prediction).
@@ -170,9 +179,12 @@ class EquimodalClassifier(ClassifierMixin, BaseEstimator):
     metrics_ : dict
         The trainer's final metrics (``val``: the hold-out's scores).
     best_epoch_ : int
-    means_, scales_ : dict {view: ndarray}
-        The standardisation statistics of each view's columns (0 and 1 without
+    means_ : dict {view: ndarray}
+        The mean of each view's columns used to standardise them (0 without
         ``standardize``).
+    scales_ : dict {view: ndarray}
+        The standard deviation of each view's columns used to standardise them (1 without
+        ``standardize``, and for a constant column).
     config_ : RunConfig
         The run's resolved config (``dataset.name`` is ``estimator``: a run folder written
         with ``out`` holds no data, so ``equimodal evaluate`` cannot reload it).

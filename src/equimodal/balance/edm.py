@@ -89,7 +89,7 @@ def relative_edm(phi: ArrayLike, standalone_accuracy: ArrayLike, chance: float) 
     Reference shares ``q_m = max(acc_m - chance, 0)`` normalised to sum 1 (uniform if all
     are 0), from each modality's stand-alone validation accuracy ``acc_m``. The value is the
     total-variation distance between contribution and capability shares,
-    ``1/2 * sum_m |p_m - q_m|`` in [0, 1] [our choice]. It is *not* scaled by
+    ``1/2 * sum_m |p_m - q_m|`` in [0, 1] (our choice). It is *not* scaled by
     ``M / (M-1)`` as plain :func:`edm` is, so with uniform ``q`` it equals
     ``(M-1)/M * edm(phi)``; it reaches 1 only when ``p`` and ``q`` have disjoint support.
     """
