@@ -182,6 +182,13 @@ class TrainConfig(Section):
     #: score the test split once at the end (false: tuning runs, which choose settings on
     #: validation and must never read test; their metrics have no test scores)
     score_test: bool = True
+    #: the training steps' arithmetic: ``fp32``, or autocast to ``bf16`` (CPU and CUDA) or
+    #: ``fp16`` (CUDA only, with a gradient scaler); weights, optimizer state, validation,
+    #: Shapley values and EDM stay in fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: channels-last memory layout for the convolutions of image and spectrogram encoders
+    #: (``auto``: on CUDA only, where it speeds up convolutions in reduced precision)
+    channels_last: Literal["auto"] | bool = "auto"
     loggers: list[str] = Field(
         default_factory=list,
         description=(

@@ -39,6 +39,8 @@ class TrainContext:
     generator: torch.Generator | None = None
     #: how many batches (training steps' calls) the loop gives each epoch (None: unknown)
     batches_per_epoch: int | None = None
+    #: the gradient scaler of ``train.precision: fp16`` (None otherwise)
+    scaler: Any = None
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -55,7 +57,10 @@ class TrainContext:
         included.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:  # fp16: true gradients before they are modified or clipped
+            scaler.unscale_(self.optimizer)
         shard = current_shard()
         if shard is not None:  # torchrun: the global batch's gradient on every rank
             shard.reduce_gradients(self.model.parameters())
@@ -66,7 +71,11 @@ class TrainContext:
         if self.grad_clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:  # skips the step when a gradient overflowed, and adapts the scale
+            scaler.step(self.optimizer)
+            scaler.update()
 
     # ------------------------------------------------------------------ global batch
     # Under torchrun each rank holds a shard of the global batch. Statistics a strategy
@@ -125,6 +134,12 @@ class Strategy:
         Shapley values the loop computes on validation for this method's scheduling, in
         ``report.schedule_shapley``; reported accuracy Shapley values are always computed."""
         return "accuracy"
+
+    def schedule_inference(self) -> dict[str, Any] | None:
+        """The ``model.fuse`` arguments each epoch's validation Shapley values (the ones a
+        method schedules by, logged per epoch) are computed with; None: as the model
+        predicts (:meth:`inference_kwargs`). The final scores always use the latter."""
+        return None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx: TrainContext) -> None:

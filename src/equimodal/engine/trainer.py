@@ -14,6 +14,7 @@ runs the callbacks; the others train their shards and follow its decisions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -145,6 +146,9 @@ class Trainer:
         #: True once the first training epoch has begun (or a resumed run continues):
         #: from then on a failure keeps the run folder
         self.training_started = False
+        #: set by fit from train.precision and train.channels_last (precision_setup)
+        self.autocast: Callable[[], Any] = contextlib.nullcontext
+        self.channels_last = False
 
     # ------------------------------------------------------------------ callbacks
     def build_callbacks(self, main: bool) -> list[Callback]:
@@ -204,6 +208,7 @@ class Trainer:
             permutations=tc.shapley.permutations,
             seed=seed,
             batch_size=tc.eval_batch_size,
+            shapley_inference=strategy.schedule_inference() if epoch is not None else None,
         )
         if order_gap:
             report.order_gap = order_set_gap(
@@ -233,6 +238,7 @@ class Trainer:
         main = group.is_main
         seed_everything(cfg.seed, tc.deterministic)
         model = build_model(cfg, info, self.encoders).to(device)
+        self.autocast, scaler, self.channels_last = precision_setup(tc, device, model)
         self.model = model  # readable from callbacks
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
@@ -255,6 +261,7 @@ class Trainer:
                 batches_per_epoch=group.batches_per_epoch(
                     len(splits["train"]), tc.batch_size, min_rows
                 ),
+                scaler=scaler,
             )
         )
         for name, split in splits.items():
@@ -318,7 +325,9 @@ class Trainer:
         for batch, shard in group.train_batches(
             train, tc.batch_size, generator, tc.missing_rate, min_rows
         ):
-            with group.step(shard):
+            if self.channels_last:
+                batch.inputs = {m: to_channels_last(x) for m, x in batch.inputs.items()}
+            with group.step(shard), self.autocast():
                 logs = state.strategy.training_step(batch)
             self._check_finite(logs, epoch, count + 1)
             for k, v in logs.items():
@@ -523,6 +532,40 @@ def _record_origins(config: RunConfig, run_dir: str | Path | None) -> RunConfig:
     if not missing:
         return config
     return config.model_copy(update={"imports": [*config.imports, *missing]})
+
+
+def precision_setup(tc, device: torch.device, model: torch.nn.Module):
+    """``(autocast, scaler, channels_last)`` for ``train.precision`` and
+    ``train.channels_last``: a context factory wrapping each training step, the fp16
+    gradient scaler (None otherwise), and whether 4-d inputs go channels-last (the model's
+    convolutions are converted here). Validation never autocasts: Shapley values and EDM
+    are computed in fp32."""
+    precision = tc.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"train.precision fp16 needs a CUDA device (a gradient scaler keeps fp16 "
+            f"gradients from underflowing); this run is on {device.type}: use bf16 or fp32"
+        )
+    if precision == "fp32":
+        autocast = contextlib.nullcontext
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=dtype)
+
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    wanted = tc.channels_last is True or (tc.channels_last == "auto" and device.type == "cuda")
+    channels_last = wanted and has_conv
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return autocast, scaler, channels_last
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-d image or spectrogram batch in channels-last layout (others unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

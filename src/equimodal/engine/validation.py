@@ -162,6 +162,9 @@ class SplitReport:
     value_kind: str = "accuracy"
     #: the all-orders accuracy next to the order set's (:func:`order_set_gap`)
     order_gap: dict[str, Any] | None = None
+    #: ``inference``: coalitions scored as the model predicts; ``custom``: with other
+    #: fuse arguments (``evaluate_cache(shapley_inference=...)``)
+    shapley_orders: str = "inference"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (Shapley of accuracy per modality, shares, EDM)."""
@@ -181,6 +184,8 @@ class SplitReport:
             out["shapley_share"] = dict(zip(names, map(float, self.shapley.shares()), strict=True))
             out["v_all"] = self.shapley.v_all
             out["v_empty"] = self.shapley.v_empty
+            if self.shapley_orders != "inference":
+                out["shapley_orders"] = self.shapley_orders
         if self.schedule_shapley is not None and self.value_kind != "accuracy":
             out[f"shapley_{self.value_kind}"] = dict(
                 zip(self.modalities, map(float, self.schedule_shapley.values), strict=True)
@@ -233,8 +238,14 @@ def evaluate_cache(
     seed: int = 0,
     batch_size: int = 4096,
     modalities: Sequence[str] | None = None,
+    shapley_inference: Mapping[str, Any] | None = None,
 ) -> SplitReport:
     """Score cached features: metrics, Shapley values and EDM.
+
+    ``shapley_inference`` (None: ``inference``) are the ``model.fuse`` arguments every
+    coalition is scored with for the Shapley values and EDM, e.g. one modality order
+    where ``inference`` averages over many (a cheaper estimate for scheduling; the report
+    says ``shapley_orders: custom``).
 
     ``inference`` holds the strategy's ``model.fuse`` arguments (e.g. hybrid orders);
     ``prior`` the training class frequencies, which give v(empty). ``modalities`` limits
@@ -274,7 +285,12 @@ def evaluate_cache(
     )
     if not shapley or len(names) < 2:
         return report
-    logits_of: dict[tuple[str, ...], torch.Tensor] = {tuple(read(names)): logits}
+    logits_of: dict[tuple[str, ...], torch.Tensor] = {}
+    if shapley_inference is None:
+        logits_of[tuple(read(names))] = logits
+    else:
+        inference = {k: v for k, v in shapley_inference.items() if k != "modalities"}
+        report.shapley_orders = "custom"
 
     def coalition_logits(mask: int) -> torch.Tensor | None:
         members = tuple(read([names[i] for i in range(len(names)) if mask >> i & 1]))
