@@ -385,11 +385,40 @@ def test_cremad_loader_reads_items_reproducibly(cremad):
 def test_cremad_worker_processes_read_the_same_batches(cremad):
     _, root = cremad
     options = {"root": str(root), "frame_size": 16, "val_fraction": 0.34, "max_items": 12}
-    plain = load_dataset("cremad", seed=1, **options)
-    workers = load_dataset("cremad", seed=1, num_workers=1, **options)
-    for a, b in zip(plain.train.batches(6), workers.train.batches(6), strict=True):
-        assert torch.equal(a.indices, b.indices)
-        torch.testing.assert_close(a.inputs["visual"], b.inputs["visual"])
+    plain = load_dataset("cremad", seed=1, num_workers=0, **options)
+    workers = load_dataset("cremad", seed=1, num_workers=2, **options)
+    passes = []
+    for _ in range(3):  # the workers persist: each pass still gets its own augmentation
+        got = []
+        for a, b in zip(plain.train.batches(6), workers.train.batches(6), strict=True):
+            assert torch.equal(a.indices, b.indices)
+            torch.testing.assert_close(a.inputs["visual"], b.inputs["visual"])
+            got.append(b.inputs["visual"])
+        passes.append(torch.cat(got))
+    assert not torch.equal(passes[0], passes[1])  # a new random crop per pass
+    loader = workers.train._data_loader()
+    assert loader.persistent_workers and loader.num_workers == 2
+    assert workers.train._data_loader() is loader  # one loader, reused across passes
+
+
+def test_loader_workers_default_to_what_the_machine_suits(monkeypatch):
+    from equimodal.data.items import default_workers
+
+    monkeypatch.setenv("EQUIMODAL_NUM_WORKERS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("EQUIMODAL_NUM_WORKERS", "many")
+    with pytest.raises(ValueError, match="EQUIMODAL_NUM_WORKERS must be an integer"):
+        default_workers()
+    monkeypatch.delenv("EQUIMODAL_NUM_WORKERS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_workers() == 0  # 2 cores: workers would compete with training
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers() == 4
+    from equimodal.data.loaders import check_workers
+
+    for bad in (-1, "all", True):
+        with pytest.raises(ValueError, match="num_workers must be 'auto' or an integer"):
+            check_workers(bad)
 
 
 def test_missing_files_are_one_error_with_the_first_and_the_count(cremad, tmp_path):

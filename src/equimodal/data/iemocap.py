@@ -678,7 +678,7 @@ def load_iemocap(
     max_steps: int | None = None,
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     val_fraction: float = 0.1,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     max_items: int | None = None,
 ) -> MultimodalData:
     """IEMOCAP from a folder written by ``equimodal prepare iemocap``.

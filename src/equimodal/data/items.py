@@ -9,6 +9,7 @@ so the trainer, the strategies and the evaluation do not know the difference.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,7 +47,13 @@ class _ItemDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor] | _ReadFailure, int]:
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> tuple[dict[str, torch.Tensor] | _ReadFailure, int]:
+        if isinstance(key, tuple):  # (pass, row): a persistent worker's copy of the split
+            self.split.passes, i = key  # learns which pass it reads (per-pass augmentation)
+        else:
+            i = key
         try:
             return self.split.read_item(i), i
         except (ValueError, OSError) as err:  # a missing or unreadable file of this item
@@ -55,12 +62,51 @@ class _ItemDataset(Dataset):
             return _ReadFailure(err), i
 
 
+class _PassBatches:
+    """The batch sampler of a split's one DataLoader: the row sets of the current pass,
+    each row tagged with the pass number (set before every pass)."""
+
+    def __init__(self) -> None:
+        self.row_sets: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.row_sets)
+
+    def __len__(self) -> int:
+        return len(self.row_sets)
+
+
+def default_workers() -> int:
+    """Loader worker processes that suit this machine: ``EQUIMODAL_NUM_WORKERS`` when set,
+    else one per two CPU cores, at most 4, none on a machine with fewer than 4 cores
+    (where the workers compete with training for the cores)."""
+    env = os.environ.get("EQUIMODAL_NUM_WORKERS")
+    if env is not None:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"EQUIMODAL_NUM_WORKERS must be an integer, got {env!r}") from None
+        if value < 0:
+            raise ValueError(f"EQUIMODAL_NUM_WORKERS must be >= 0, got {value}")
+        return value
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    return 0 if cores < 4 else min(4, cores // 2)
+
+
 class ItemSplit:
     """One split of a dataset read from disk, one item at a time.
 
     ``items[i]`` is whatever ``read`` needs (e.g. a dict of file paths); ``read(item)``
     returns ``{modality: tensor}`` with a fixed shape per modality (``shapes``). Absent
     modalities (``present[m][i]`` False) are not read and become zeros.
+
+    ``num_workers`` loader processes read the items (``"auto"``: :func:`default_workers`);
+    they persist across passes (one DataLoader per split, ``persistent_workers``), each
+    keeps ``prefetch_factor`` batches ready, and batches for a CUDA device are read into
+    pinned memory so the copy overlaps compute. Every item is read with the number of
+    its pass, so augmentation seeded by (seed, pass, row) is the same with or without
+    workers.
     """
 
     def __init__(
@@ -72,8 +118,9 @@ class ItemSplit:
         dtypes: dict[str, torch.dtype] | None = None,
         present: dict[str, torch.Tensor] | None = None,
         indices: torch.Tensor | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         device: torch.device | str = "cpu",
+        prefetch_factor: int = 2,
     ) -> None:
         n = len(items)
         if int(labels.shape[0]) != n:
@@ -88,9 +135,18 @@ class ItemSplit:
             present = {m: torch.ones(n, dtype=torch.bool) for m in shapes}
         self.present = {m: present[m].bool() for m in shapes}
         check_some_modality(self.present, self.indices)
+        if num_workers == "auto":
+            num_workers = default_workers()
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        if prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self.passes = 0  # passes over the split so far: seeds the loader's workers
         self.device = torch.device(device)
+        self._loader: DataLoader | None = None
+        self._batches = _PassBatches()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -101,10 +157,16 @@ class ItemSplit:
 
     def to(self, device: torch.device | str) -> ItemSplit:
         """The same split, its batches delivered on ``device``."""
-        out = ItemSplit.__new__(ItemSplit)
+        out = self.__class__.__new__(self.__class__)
         out.__dict__.update(self.__dict__)
         out.device = torch.device(device)
+        out._loader, out._batches = None, _PassBatches()  # its own loader and workers
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_loader"] = None  # a worker's copy never owns the workers
+        return state
 
     def read_item(self, i: int) -> dict[str, torch.Tensor]:
         """Sample ``i``'s tensors (zeros for absent modalities), shapes checked."""
@@ -138,20 +200,11 @@ class ItemSplit:
         yield from self.batches_of(torch.split(order, batch_size))
 
     def batches_of(self, row_sets: Sequence[torch.Tensor]) -> Iterator[MultimodalBatch]:
-        """One batch per tensor of row numbers in ``row_sets``, read through one DataLoader."""
+        """One batch per tensor of row numbers in ``row_sets``, read through the split's
+        DataLoader."""
         self.passes += 1
-        loader = DataLoader(
-            _ItemDataset(self),
-            batch_sampler=[r.tolist() for r in row_sets],
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            persistent_workers=False,
-            # its own generator: the loader would otherwise draw its workers' seed from the
-            # global RNG and shift every dropout mask after it (runs would not reproduce
-            # the in-memory split's)
-            generator=torch.Generator().manual_seed(self.passes),
-        )
-        for inputs, rows in loader:
+        self._batches.row_sets = [[(self.passes, int(i)) for i in r.tolist()] for r in row_sets]
+        for inputs, rows in self._data_loader():
             if isinstance(inputs, _ReadFailure):
                 raise inputs.error()
             rows = torch.as_tensor(rows)
@@ -162,6 +215,24 @@ class ItemSplit:
                 indices=self.indices[rows],
             )
             yield batch if self.device.type == "cpu" else batch.to(self.device)
+
+    def _data_loader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = DataLoader(
+                _ItemDataset(self),
+                batch_sampler=self._batches,
+                num_workers=workers,
+                collate_fn=_collate,
+                persistent_workers=workers > 0,
+                prefetch_factor=self.prefetch_factor if workers > 0 else None,
+                pin_memory=self.device.type == "cuda",
+                # its own generator: the loader would otherwise draw its workers' seed from
+                # the global RNG and shift every dropout mask after it (runs would not
+                # reproduce the in-memory split's)
+                generator=torch.Generator().manual_seed(0),
+            )
+        return self._loader
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches ``batches(batch_size, drop_last=...)`` yields."""

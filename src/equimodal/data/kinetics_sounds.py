@@ -175,7 +175,7 @@ def load_kinetics_sounds(
     frame_size: int = 224,
     audio_seconds: float | None = None,
     val_fraction: float = 0.1,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     max_items: int | None = None,
     augment: bool = True,
 ) -> MultimodalData:

@@ -35,10 +35,19 @@ def prepared_root(root: str | None, dataset: str) -> Path:
     return Path(root).expanduser()
 
 
-def check_loader_options(num_workers: int, max_items: int | None, max_text_bytes: int) -> None:
+def check_workers(num_workers: int | str) -> None:
+    """ValueError unless ``num_workers`` is ``"auto"`` or an integer >= 0."""
+    if num_workers == "auto":
+        return
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+
+
+def check_loader_options(
+    num_workers: int | str, max_items: int | None, max_text_bytes: int
+) -> None:
     """One-line errors for the loader options shared by the text datasets."""
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_workers(num_workers)
     if max_items is not None and max_items < 1:
         raise ValueError(f"max_items must be >= 1 or null, got {max_items}")
     if max_text_bytes < 1:
@@ -154,7 +163,7 @@ def reader_split(
     reader: Any,
     labels: np.ndarray,
     shapes: dict[str, tuple[int, ...]],
-    num_workers: int,
+    num_workers: int | str,
     dtypes: dict[str, torch.dtype] | None = None,
 ) -> AVItemSplit:
     """The rows ``ids`` of ``items`` as a split read by ``reader`` (given the split back)."""
@@ -185,7 +194,7 @@ def build_av_data(
     frame_size: int,
     audio_seconds: float | None,
     val_fraction: float,
-    num_workers: int,
+    num_workers: int | str,
     max_items: int | None,
     augment: bool,
     options: dict[str, Any] | None = None,
@@ -202,8 +211,7 @@ def build_av_data(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if frame_size < 8:
         raise ValueError(f"frame_size must be >= 8, got {frame_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_workers(num_workers)
     if max_items is not None and max_items < 1:
         raise ValueError(f"max_items must be >= 1 or null, got {max_items}")
     if not 0.0 < val_fraction < 1.0:

@@ -258,7 +258,7 @@ def load_mvsa_single(
     augment: bool = True,
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     val_fraction: float = 0.1,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     max_items: int | None = None,
 ) -> MultimodalData:
     """MVSA-Single from a folder written by ``equimodal prepare mvsa_single``.
