@@ -185,6 +185,23 @@ def test_options_are_checked_by_the_config():
         build_encoder(ModalitySpec("x", (10,), "features"), "timm", name="resnet18")
 
 
+def test_library_and_model_in_one_kind():
+    config = build_config(
+        {"model": {"encoders": {"visual": {"kind": "torchvision:resnet18"}}}},
+        ["model.encoder.kind=timm:resnet10t", "model.encoder.in_channels=1"],
+    )
+    visual = config.model.encoders["visual"]
+    assert (visual.kind, visual.options()["name"]) == ("torchvision", "resnet18")
+    assert (config.model.encoder.kind, config.model.encoder.options()["name"]) == (
+        "timm",
+        "resnet10t",
+    )
+    with pytest.raises(ValueError, match="names model 'resnet18' but name is 'vgg11'"):
+        build_config({"model": {"encoder": {"kind": "torchvision:resnet18", "name": "vgg11"}}})
+    with pytest.raises(ValueError, match="unknown encoder 'torchvison'"):
+        build_config({"model": {"encoder": {"kind": "torchvison:resnet18"}}})
+
+
 # --------------------------------------------------------------------------- with the libraries
 LIBRARIES = [
     pytest.param("timm", "test_resnet", id="timm"),

@@ -69,6 +69,14 @@ class EncoderConfig(Section):
         kind = value.get("kind", "mlp")
         if not isinstance(kind, str):
             raise ValueError(f"kind must be a string, got {kind!r}")
+        if ":" in kind:  # torchvision:resnet18, timm:<name>: the library's model by name
+            kind, _, model_name = kind.partition(":")
+            if "name" in value and value["name"] != model_name:
+                raise ValueError(
+                    f"kind {value['kind']!r} names model {model_name!r} but name is "
+                    f"{value['name']!r}"
+                )
+            value = {**value, "kind": kind, "name": model_name}
         entry = ENCODERS.get(kind)
         options = {k: v for k, v in value.items() if k != "kind"}
         try:
