@@ -11,7 +11,7 @@ The fixtures hold a few dozen items, so the epoch times are per-item costs of th
 encoders, not estimates of a full epoch on the real data; the script also prints the
 seconds per training item. The last line is a JSON object of the measured values.
 
-    python benchmarks/dataset_fixtures.py [--quick]
+    python benchmarks/dataset_fixtures.py [--quick] [--device auto]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main() -> None:
                     "--set", "train.relative_edm=false",
                     *EXTRA[name],
                 ]  # fmt: skip
+                if args.device != "auto":  # auto: the trainer's own choice
+                    train_args += ["--set", f"train.device={args.device}"]
                 wall, train_rss = run_measured(train_args, env)
                 history = [
                     json.loads(line)

@@ -8,7 +8,10 @@ accuracy, macro-F1, Shapley values over every coalition the estimate needs, EDM)
 ratio is the median evaluation time over the median epoch time (the first epoch, a
 warm-up, left out).
 
-Two baselines, built here only, score the same coalitions on the trained model:
+The library's schedule scores each coalition through the training order
+(``schedule_orders: train_order``, the default); the same run with ``schedule_orders:
+inference`` (every coalition through the hybrid order set) is timed beside it. Two
+baselines, built here only, score the same coalitions on the trained model:
 
 * ``naive``: the encoders re-run for every coalition, each coalition through the memory
   chain on its own (orders stacked on the batch axis);
@@ -68,16 +71,27 @@ CASES = [
 ]
 
 
-def config(dataset: str, options: dict[str, Any], epochs: int, quick: bool, device: str):
-    """The default run, for ``epochs`` epochs without early stopping or relative EDM."""
+def config(
+    dataset: str,
+    options: dict[str, Any],
+    epochs: int,
+    quick: bool,
+    device: str,
+    schedule_orders: str | None = None,
+):
+    """The default run, for ``epochs`` epochs without early stopping or relative EDM;
+    ``schedule_orders`` overrides how each epoch's schedule scores a coalition."""
     overrides: dict[str, Any] = {
         "dataset": {"name": dataset, "options": options},
         "train": {"epochs": epochs, "patience": None, "relative_edm": False, "device": device},
+        "strategy": {"name": "shapley_alternating"},
     }
     if quick:
         overrides["model"] = {"dim": 16, "encoder": {"hidden": 32}}
-        overrides["strategy"] = {"name": "shapley_alternating", "max_orders": 4}
+        overrides["strategy"]["max_orders"] = 4
         overrides["train"].update(batch_size=256, shapley={"permutations": 2})
+    if schedule_orders is not None:
+        overrides["strategy"]["schedule_orders"] = schedule_orders
     return build_config(overrides)
 
 
@@ -147,6 +161,13 @@ def baseline_evaluation(model, strategy, data, cfg, device, reencode: bool) -> N
         model.train(was_training)
 
 
+def epoch_times(result) -> tuple[float, float]:
+    """Median training and evaluation seconds per epoch of a fit (epoch 1, the warm-up,
+    left out when there are more)."""
+    rows = [row for row in result.history if row["epoch"] >= 2] or result.history[1:]
+    return median([r["train_time_s"] for r in rows]), median([r["eval_time_s"] for r in rows])
+
+
 def timed(fn, device) -> float:
     """Wall time of one call of ``fn`` (GPU work included)."""
     synchronize(device)
@@ -168,9 +189,12 @@ def main() -> None:
         epochs = 1 if args.quick else reps + 1
         cfg = config(dataset, options, epochs, args.quick, str(device.type))
         result = Trainer(cfg, data=data, progress=False).fit()
-        timed_rows = [row for row in result.history if row["epoch"] >= 2] or result.history[1:]
-        train_s = median([row["train_time_s"] for row in timed_rows])
-        eval_s = median([row["eval_time_s"] for row in timed_rows])
+        train_s, eval_s = epoch_times(result)
+        # the same run scheduled through the hybrid order set (schedule_orders: inference)
+        hybrid_cfg = config(dataset, options, epochs, args.quick, str(device.type), "inference")
+        hybrid_train_s, hybrid_eval_s = epoch_times(
+            Trainer(hybrid_cfg, data=data, progress=False).fit()
+        )
         # the baselines are slow; fewer repetitions where they take minutes
         base_reps = 1 if args.quick or key == "synthetic_m12" else max(1, min(reps, 3))
         model, strategy = result.model, result.strategy
@@ -197,11 +221,13 @@ def main() -> None:
                 train_s,
                 eval_s,
                 eval_s / train_s,
+                hybrid_eval_s / hybrid_train_s,
                 per_coalition_s / train_s,
                 naive_s / train_s,
             ]
         )
         ratios[f"shapley_overhead_{key}"] = eval_s / train_s
+        ratios[f"hybrid_schedule_overhead_{key}"] = hybrid_eval_s / hybrid_train_s
         ratios[f"per_coalition_overhead_{key}"] = per_coalition_s / train_s
         ratios[f"naive_overhead_{key}"] = naive_s / train_s
     print_table(
@@ -213,6 +239,7 @@ def main() -> None:
             "epoch s",
             "eval s",
             "ratio (library)",
+            "ratio (hybrid schedule)",
             "ratio (per coalition)",
             "ratio (naive)",
         ],

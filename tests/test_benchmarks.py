@@ -22,7 +22,7 @@ EXPECTED = {
     "shapley_overhead.py": [
         f"{kind}_overhead_{case}"
         for case in ("mfeat", "synthetic_m8", "synthetic_m12")
-        for kind in ("shapley", "per_coalition", "naive")
+        for kind in ("shapley", "hybrid_schedule", "per_coalition", "naive")
     ],
     "hybrid_order.py": [
         *(f"hybrid_{m}_{size}" for m in ("m3", "m6") for size in ("b1", "b64", "split")),
@@ -37,10 +37,52 @@ EXPECTED = {
         "epoch_s_iemocap_joint",
         "train_peak_rss_mib_iemocap_joint",
     ],
+    "av_geometry.py": [
+        f"{dataset}_{key}"
+        for dataset in ("cremad", "kinetics_sounds")
+        for key in (
+            "alternating_vs_joint",
+            "alternating_vs_joint_fastest_steps",
+            "alternating_vs_joint_flops",
+            "train_gflop_per_sample",
+            "shapley_on_top_of_epoch",
+            "evaluation_of_epoch",
+            "validation_pass_of_epoch",
+            "hybrid_vs_one_order",
+            "hybrid_vs_one_order_cached",
+            "step_joint_ms",
+            "step_alt_ms",
+            "encode_per_sample_ms",
+            "plain_per_sample_ms",
+            "shapley_per_sample_ms",
+            "shapley_part_per_sample_ms",
+            "one_per_sample_ms",
+            "hybrid_per_sample_ms",
+            "epoch_joint_s",
+            "epoch_alt_s",
+            "evaluation_s",
+        )
+    ],
+    "loader_workers.py": [
+        "items_per_s_0_workers",
+        "items_per_s_2_workers",
+        "items_per_s_4_workers",
+        "speedup_2_workers",
+        "speedup_4_workers",
+    ],
 }
 
 #: values that are differences, not ratios: finite, of any sign
-SIGNED = {"acc_diff_m6_val_pp", "acc_diff_m6_test_pp"}
+SIGNED = {
+    "acc_diff_m6_val_pp",
+    "acc_diff_m6_test_pp",
+    # a difference of two timings of a few milliseconds: may fall below the noise
+    *(
+        f"{d}_{k}"
+        for d in ("cremad", "kinetics_sounds")
+        for k in ("shapley_on_top_of_epoch", "shapley_part_per_sample_ms")
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +128,73 @@ def test_readme_lists_every_script():
     readme = (BENCHMARKS / "README.md").read_text()
     for script in EXPECTED:
         assert script in readme
+
+
+GPU_SH = BENCHMARKS / "gpu.sh"
+
+
+def run_gpu_sh(env_extra: dict[str, str], *args: str, timeout: int = 120):
+    """``bash benchmarks/gpu.sh ARGS`` from the repository root with ``env_extra`` set."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_extra}
+    env["EQUIMODAL_PYTHON"] = sys.executable  # this test's interpreter, whatever the venv
+    return subprocess.run(
+        ["bash", str(GPU_SH), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=BENCHMARKS.parent,
+        timeout=timeout,
+    )
+
+
+def test_gpu_sh_fails_fast_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = run_gpu_sh({"EQUIMODAL_BENCH_DEVICE": "cuda"}, timeout=60)
+    assert result.returncode == 2
+    assert "CUDA is not available" in result.stderr
+    assert "EQUIMODAL_BENCH_DEVICE=cpu" in result.stderr
+
+
+def test_gpu_sh_rejects_unknown_arguments():
+    result = run_gpu_sh({"EQUIMODAL_BENCH_DEVICE": "cpu"}, "--full", timeout=30)
+    assert result.returncode == 2
+    assert "unknown argument" in result.stderr
+
+
+def test_gpu_sh_cpu_quick_path_combines_json(tmp_path):
+    """One job through gpu.sh's CPU fallback: the combined JSON line holds its result."""
+    result = run_gpu_sh(
+        {
+            "EQUIMODAL_BENCH_DEVICE": "cpu",
+            "EQUIMODAL_BENCH_ONLY": "av_geometry_fp32",
+            "EQUIMODAL_BENCH_LOGS": str(tmp_path),
+        },
+        "--quick",
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    combined = json.loads(result.stdout.strip().splitlines()[-1])
+    assert combined["device"] == "cpu" and combined["quick"] is True
+    assert combined["failed"] == {}
+    ratios = combined["av_geometry_fp32"]
+    assert sorted(k for k in ratios if k != "wall_s") == sorted(EXPECTED["av_geometry.py"])
+    assert all(math.isfinite(v) for v in ratios.values())
+    assert all(v > 0 for k, v in ratios.items() if k not in SIGNED)
+    assert (tmp_path / "av_geometry_fp32.log").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_sh_cpu_quick_path_runs_every_script(tmp_path):
+    """Every job of gpu.sh --quick on the CPU (minutes on 2 cores)."""
+    result = run_gpu_sh(
+        {"EQUIMODAL_BENCH_DEVICE": "cpu", "EQUIMODAL_BENCH_LOGS": str(tmp_path)},
+        "--quick",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    combined = json.loads(result.stdout.strip().splitlines()[-1])
+    assert combined["failed"] == {}, combined["failed"]
+    for name in ("av_geometry_fp32", "av_geometry_bf16", "loader_workers", "hybrid_order"):
+        assert name in combined

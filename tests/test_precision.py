@@ -10,6 +10,7 @@ import equimodal
 from equimodal.config import build_config
 from equimodal.core.registries import STRATEGIES
 from equimodal.data.base import ModalitySpec
+from equimodal.data.registry import load_dataset
 from equimodal.engine.strategy import TrainContext
 from equimodal.engine.trainer import Trainer
 from equimodal.models.model import MultimodalModel
@@ -159,3 +160,21 @@ def test_bf16_accuracy_is_within_noise_of_fp32_on_mfeat(strategy):
 def test_every_strategy_trains_in_bf16(strategy):
     result = Trainer(_config("synthetic", strategy, "bf16", 2), progress=False).fit()
     assert result.metrics["test"]["accuracy"] > 0.4
+
+
+def test_hybrid_order_inference_runs_under_autocast():
+    from equimodal.engine.validation import encode_split, predict_coalition_logits
+
+    data = load_dataset("synthetic", seed=0, num_modalities=4, num_samples=400)
+    cfg = _config("synthetic", "shapley_alternating", "fp32", 1, "model.dim=8")
+    result = Trainer(cfg, data=data, progress=False).fit()
+    cache = encode_split(result.model, data.val)
+    orders = result.strategy.inference_kwargs()["orders"]
+    names = result.model.modalities
+    coalitions = [names[:k] for k in range(1, len(names) + 1)]
+    plain = predict_coalition_logits(result.model, cache, coalitions, orders=orders)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the order tree used to stop here
+        under = predict_coalition_logits(result.model, cache, coalitions, orders=orders)
+    assert len(orders) > 1
+    for a, b in zip(plain, under, strict=True):  # bf16 rounding is all that differs
+        assert torch.allclose(a, b.float(), atol=2e-2)

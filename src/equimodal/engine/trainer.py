@@ -554,7 +554,10 @@ def precision_setup(tc, device: torch.device, model: torch.nn.Module):
         def autocast():
             return torch.autocast(device_type=device.type, dtype=dtype)
 
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = None
+    if precision == "fp16":  # torch.amp.GradScaler from torch 2.3, torch.cuda.amp before
+        amp_scaler = getattr(torch.amp, "GradScaler", None)
+        scaler = amp_scaler("cuda") if amp_scaler is not None else torch.cuda.amp.GradScaler()
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     wanted = tc.channels_last is True or (tc.channels_last == "auto" and device.type == "cuda")
     channels_last = wanted and has_conv

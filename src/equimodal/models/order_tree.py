@@ -177,6 +177,15 @@ def _pair_weights(
 
 
 @torch.no_grad()
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 def tree_states(
     memory: CrossModalMemory,
     z: torch.Tensor,
@@ -195,6 +204,10 @@ def tree_states(
     """
     if memory.training:
         raise RuntimeError("tree_states evaluates the memory; call it in eval mode")
+    if _autocast_on(z.device.type):
+        # the slabs are written in place into fp32 buffers: evaluate in fp32 under autocast
+        with torch.autocast(z.device.type, enabled=False):
+            return tree_states(memory, z.float(), tree, readout, level_budget)
     b, _, d = z.shape
     width = d if readout is None else readout.out_features
     out = z.new_zeros(tree.num_targets, b, width)
