@@ -176,7 +176,6 @@ def _pair_weights(
     return _PairWeights(blocks=blocks, bias=folded_bias, align=None, align_bias=None)
 
 
-@torch.no_grad()
 def _autocast_on(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -186,6 +185,7 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
+@torch.no_grad()
 def tree_states(
     memory: CrossModalMemory,
     z: torch.Tensor,
