@@ -22,7 +22,6 @@ equimodal.
 from __future__ import annotations
 
 import difflib
-import pickle
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from torch import nn
 
 from equimodal.data.base import ModalitySpec
 from equimodal.models.encoders import register_encoder
+from equimodal.models.resnet import FrameEncoder, read_weights_file
 
 TORCHVISION_INSTALL_HINT = "pip install 'equimodal[vision]'"
 TIMM_INSTALL_HINT = "pip install 'equimodal[timm]'"
@@ -52,7 +52,7 @@ RESERVED_MODEL_ARGS = frozenset(
 )
 
 
-class BackboneEncoder(nn.Module):
+class BackboneEncoder(FrameEncoder):
     """A torchvision or timm network without its classifier, as a modality encoder.
 
     Takes images or spectrograms ``(B, C, H, W)``, 1-channel spectrograms ``(B, F, T)``
@@ -70,8 +70,7 @@ class BackboneEncoder(nn.Module):
         frame_pool: str = "mean",
     ) -> None:
         super().__init__()
-        if frame_pool not in ("mean", "max"):
-            raise ValueError(f"frame_pool must be 'mean' or 'max', got {frame_pool!r}")
+        self.check_frame_pool(frame_pool)
         self.backbone = backbone
         self.out_dim = int(out_dim)
         self.in_channels = int(in_channels)
@@ -80,52 +79,12 @@ class BackboneEncoder(nn.Module):
         self.frame_pool = frame_pool
         self.frozen = False
 
-    def freeze(self) -> None:
-        """Fix every parameter and the batch-norm statistics."""
-        self.frozen = True
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> BackboneEncoder:
-        """Set training mode; a frozen encoder stays in eval mode."""
-        return super().train(mode and not self.frozen)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W) -> (N, out_dim)``: the backbone without its classifier."""
         out = self.backbone(x)
         if not isinstance(out, torch.Tensor):  # googlenet / inception outputs in training
             out = out.logits if hasattr(out, "logits") else out[0]
         return out.reshape(out.shape[0], -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode images or spectrograms ``(B, C, H, W)`` or frames ``(B, T, C, H, W)``."""
-        if self.frozen:
-            with torch.no_grad():
-                return self._forward(x)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and self.in_channels == 1:
-            x = x.unsqueeze(1)
-        if x.dim() == 4:
-            self._check_channels(x.shape[1], x.shape)
-            return self.features(x)
-        if x.dim() == 5:
-            b, t = x.shape[:2]
-            self._check_channels(x.shape[2], x.shape)
-            f = self.features(x.reshape(b * t, *x.shape[2:])).view(b, t, -1)
-            return f.mean(1) if self.frame_pool == "mean" else f.amax(1)
-        raise ValueError(
-            f"{self.label} takes (B, C, H, W) images or spectrograms or (B, T, C, H, W) "
-            f"frames, got shape {tuple(x.shape)}"
-        )
-
-    def _check_channels(self, channels: int, shape: torch.Size) -> None:
-        if channels != self.in_channels:
-            raise ValueError(
-                f"{self.label} was built for {self.in_channels} input channels, got input "
-                f"of shape {tuple(shape)}"
-            )
 
 
 class BackboneOptions(BaseModel):
@@ -209,41 +168,6 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``.pth`` state_dict (never unpickles objects).
-
-    ``what`` names the file in messages (``timm resnet18 weights file``). A ``.pth`` is
-    read with ``torch.load(weights_only=True)``; a dict nested under ``state_dict`` or
-    ``model`` is unwrapped and a ``module.`` prefix (DataParallel) removed.
-    """
-    path = Path(path)
-    where = f"{what} {str(path)!r}"
-    if not path.is_file():
-        raise FileNotFoundError(f"{where} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"refusing {where}: it holds Python objects besides tensors, and unpickling "
-            "those can run code from the file; save a plain state_dict or a .safetensors file"
-        ) from None
-    except Exception as err:  # torch and safetensors raise various error types
-        raise ValueError(f"cannot read {where}: {_first_line(err)}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{where} does not hold a state_dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
 
 
 def load_backbone_weights(

@@ -47,7 +47,73 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet18(nn.Module):
+class FrameEncoder(nn.Module):
+    """Base of the convolutional encoders: images or spectrograms ``(B, C, H, W)``,
+    1-channel spectrograms ``(B, F, T)`` and frames ``(B, T, C, H, W)`` (every frame
+    through :meth:`features`, pooled over ``T`` by ``frame_pool``) to ``(B, out_dim)``.
+
+    Subclasses set ``label`` (for messages), ``in_channels`` and ``frame_pool`` and define
+    :meth:`features` ``(N, C, H, W) -> (N, out_dim)``. A frozen encoder keeps every
+    parameter and the batch-norm statistics fixed (it stays in eval mode).
+    """
+
+    label = "encoder"
+    in_channels: int
+    frame_pool: str
+    frozen = False
+
+    @staticmethod
+    def check_frame_pool(frame_pool: str) -> None:
+        """ValueError unless ``frame_pool`` is ``mean`` or ``max``."""
+        if frame_pool not in ("mean", "max"):
+            raise ValueError(f"frame_pool must be 'mean' or 'max', got {frame_pool!r}")
+
+    def freeze(self) -> None:
+        """Fix every parameter and the batch-norm statistics."""
+        self.frozen = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrameEncoder:
+        """Set training mode; a frozen encoder stays in eval mode."""
+        return super().train(mode and not self.frozen)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, out_dim)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode images or spectrograms ``(B, C, H, W)`` or frames ``(B, T, C, H, W)``."""
+        if self.frozen:
+            with torch.no_grad():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and self.in_channels == 1:
+            x = x.unsqueeze(1)
+        if x.dim() == 4:
+            self._check_channels(x.shape[1], x.shape)
+            return self.features(x)
+        if x.dim() == 5:
+            b, t = x.shape[:2]
+            self._check_channels(x.shape[2], x.shape)
+            f = self.features(x.reshape(b * t, *x.shape[2:])).view(b, t, -1)
+            return f.mean(1) if self.frame_pool == "mean" else f.amax(1)
+        raise ValueError(
+            f"{self.label} takes (B, C, H, W) images or spectrograms or (B, T, C, H, W) "
+            f"frames, got shape {tuple(x.shape)}"
+        )
+
+    def _check_channels(self, channels: int, shape: torch.Size) -> None:
+        if channels != self.in_channels:
+            raise ValueError(
+                f"{self.label} was built for {self.in_channels} input channels, got input "
+                f"of shape {tuple(shape)}"
+            )
+
+
+class ResNet18(FrameEncoder):
     """ResNet-18 trunk with global average pooling: ``(B, C, H, W) -> (B, 512)``.
 
     Also takes frames ``(B, T, C, H, W)``: every frame goes through the 2-D network and
@@ -56,14 +122,15 @@ class ResNet18(nn.Module):
     parameter and the batch-norm statistics fixed (the module stays in eval mode).
     """
 
+    label = "resnet18"
+
     def __init__(
         self, in_channels: int = 3, frame_pool: str = "mean", freeze: bool = False
     ) -> None:
         super().__init__()
         if in_channels <= 0:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
-        if frame_pool not in ("mean", "max"):
-            raise ValueError(f"frame_pool must be 'mean' or 'max', got {frame_pool!r}")
+        self.check_frame_pool(frame_pool)
         self.in_channels = in_channels
         self.frame_pool = frame_pool
         self.out_dim = LAYER_WIDTHS[-1]
@@ -87,62 +154,24 @@ class ResNet18(nn.Module):
         if freeze:
             self.freeze()
 
-    def freeze(self) -> None:
-        """Fix every parameter and the batch-norm statistics."""
-        self.frozen = True
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> ResNet18:
-        """Set training mode; a frozen network stays in eval mode."""
-        return super().train(mode and not self.frozen)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W) -> (N, 512)``: the trunk and global average pooling."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode images or spectrograms ``(B, C, H, W)`` or frames ``(B, T, C, H, W)``."""
-        if self.frozen:
-            with torch.no_grad():
-                return self._forward(x)
-        return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and self.in_channels == 1:
-            x = x.unsqueeze(1)
-        if x.dim() == 4:
-            self._check_channels(x.shape[1], x.shape)
-            return self.features(x)
-        if x.dim() == 5:
-            b, t = x.shape[:2]
-            self._check_channels(x.shape[2], x.shape)
-            f = self.features(x.reshape(b * t, *x.shape[2:])).view(b, t, -1)
-            return f.mean(1) if self.frame_pool == "mean" else f.amax(1)
-        raise ValueError(
-            "resnet18 takes (B, C, H, W) images or spectrograms or (B, T, C, H, W) frames, "
-            f"got shape {tuple(x.shape)}"
-        )
-
-    def _check_channels(self, channels: int, shape: torch.Size) -> None:
-        if channels != self.in_channels:
-            raise ValueError(
-                f"resnet18 was built for {self.in_channels} input channels, got input of "
-                f"shape {tuple(shape)}"
-            )
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``.pth`` state_dict (never unpickles objects).
 
-    A ``.pth`` file is read with ``torch.load(weights_only=True)``; a dict nested under
-    ``state_dict`` or ``model`` is unwrapped and a ``module.`` prefix (DataParallel) removed.
+    ``what`` names the file in messages (``resnet18 weights file``). A ``.pth`` is read
+    with ``torch.load(weights_only=True)``; a dict nested under ``state_dict`` or ``model``
+    is unwrapped and a ``module.`` prefix (DataParallel) removed.
     """
     path = Path(path)
+    where = f"{what} {str(path)!r}"
     if not path.is_file():
-        raise FileNotFoundError(f"resnet18 weights file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{where} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -152,21 +181,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
-            f"refusing resnet18 weights file {str(path)!r}: it holds Python objects besides "
-            "tensors, and unpickling those can run code from the file; save a plain "
-            "state_dict or a .safetensors file"
+            f"refusing {where}: it holds Python objects besides tensors, and unpickling "
+            "those can run code from the file; save a plain state_dict or a .safetensors file"
         ) from None
     except Exception as err:  # torch and safetensors raise various error types
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot read resnet18 weights file {str(path)!r}: {reason}") from None
+        raise ValueError(f"cannot read {where}: {reason}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"resnet18 weights file {str(path)!r} does not hold a state_dict")
+        raise ValueError(f"{where} does not hold a state_dict")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ResNet-18 weights file (:func:`read_weights_file`)."""
+    return read_weights_file(path, "resnet18 weights file")
 
 
 def load_resnet18_weights(model: ResNet18, path: str | Path) -> None:
