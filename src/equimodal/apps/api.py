@@ -139,11 +139,10 @@ def fit(
         if run_dir is not None:
             if trainer.training_started:  # keep what was trained, say why it stopped
                 write_error_log(run_dir, exc)
-            elif created:
+            else:
                 remove_run_dir(run_dir)
-            else:  # the empty folder the user gave: empty it again
-                remove_run_dir(run_dir)
-                run_dir.mkdir(parents=True, exist_ok=True)
+                if not created:  # the empty folder the user gave stays, empty
+                    run_dir.mkdir(parents=True, exist_ok=True)
         raise
     if run_dir is not None and plots:
         from equimodal.apps.report import plot_run

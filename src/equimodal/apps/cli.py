@@ -477,7 +477,7 @@ def evaluate(
 ) -> None:
     """Re-score a saved run on its test split, optionally reading only some modalities."""
     from equimodal.engine.trainer import load_run
-    from equimodal.engine.validation import class_prior, encode_split, evaluate_cache
+    from equimodal.evaluation.scores import evaluate as evaluate_model
 
     if checkpoint not in ("best", "last"):
         _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")
@@ -499,25 +499,23 @@ def evaluate(
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return
-    cache = encode_split(model, data.test)
-    report = evaluate_cache(
+    scores = evaluate_model(
         model,
-        cache,
-        "test",
-        class_prior(data.train.labels, data.num_classes),
-        inference=strategy.inference_kwargs(),
+        data,
+        strategy,
+        split="test",
         modalities=subset,
-        max_exact=cfg.train.shapley.max_exact,
-        permutations=cfg.train.shapley.permutations,
         seed=cfg.seed,
+        permutations=cfg.train.shapley.permutations,
+        max_exact=cfg.train.shapley.max_exact,
     )
     table = Table(title=f"{run_dir} — test split, modalities: {', '.join(subset)}")
     for col in ("accuracy", "macro-F1", "EDM"):
         table.add_column(col, justify="right")
     table.add_row(
-        f"{100 * report.accuracy:.2f} %",
-        f"{100 * report.macro_f1:.2f} %",
-        f"{100 * report.edm.edm:.1f} %" if report.edm is not None else "-",
+        f"{100 * scores['accuracy']:.2f} %",
+        f"{100 * scores['macro_f1']:.2f} %",
+        f"{100 * scores['edm']:.1f} %" if "edm" in scores else "-",
     )
     out.print(table)
     if robustness:
