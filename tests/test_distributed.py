@@ -129,3 +129,37 @@ def test_unsupported_strategy_is_refused(small_config):
         group.check_strategy(build_strategy(small_config("udi").strategy))
     group.check_strategy(build_strategy(small_config("shapley_alternating").strategy))
     Distributed().check_strategy(build_strategy(small_config("udi").strategy))  # one process
+
+
+CLOSE_SCRIPT = """
+import os, torch
+from equimodal.engine.build import seed_everything
+from equimodal.engine.distributed import Distributed
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+group, _ = Distributed.setup(torch.device("cpu"))
+assert group.active and threads() > before  # gloo's worker and transport threads
+seed_everything(0)  # torch.use_deterministic_algorithms imports torch's compiler stack
+group.broadcast_object({"epoch": 1})
+group.close()
+assert threads() == before, (before, threads())
+print("joined")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_close_joins_the_process_group_threads(tmp_path):
+    """After close() the group's threads are gone, so no rank can abort at exit while a
+    gloo worker still releases tensors (seen as SIGABRT on loaded machines)."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*cmd, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("joined") == 2

@@ -61,6 +61,19 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _import_compiler_config() -> None:
+    """Import ``torch._inductor.config`` before a process group exists.
+
+    ``torch.use_deterministic_algorithms`` (called by ``seed_everything``) imports it, and
+    with it torch's compiler stack. Imported for the first time while a gloo group exists,
+    that stack keeps references to the group which outlive ``destroy_process_group``
+    (torch 2.13), so the group's worker threads are never joined: a rank can then abort
+    at interpreter exit ("terminate called without an active exception") when a worker
+    still releases the last collective's tensors. Imported first, nothing holds the group.
+    """
+    import torch._inductor.config  # noqa: F401
+
+
 def is_initialized() -> bool:
     """True when a torch.distributed process group of more than one rank is up (and used)."""
     return (
@@ -160,6 +173,7 @@ class Distributed:
                     "start multi-process training with torchrun (see docs/distributed.md)"
                 )
             backend = "nccl" if device.type == "cuda" else "gloo"
+            _import_compiler_config()
             dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
             owned = True
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
