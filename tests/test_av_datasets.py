@@ -225,13 +225,8 @@ def test_resnet18_state_dict_names_match_torchvision():
         assert tuple(state[key].shape) == shape, key
     assert len(state) == 120 and not any(k.startswith("fc.") for k in state)
     assert "layer1.0.downsample.0.weight" not in state
-    try:
-        import torchvision
-    except ImportError:
-        return
-    reference = torchvision.models.resnet18(weights=None).state_dict()
-    reference = {k: tuple(v.shape) for k, v in reference.items() if not k.startswith("fc.")}
-    assert {k: tuple(v.shape) for k, v in state.items()} == reference
+    # where torchvision imports, test_backbones.py loads torchvision's own resnet18
+    # state dict strictly and compares outputs
 
 
 def test_resnet18_loads_weights_and_averages_conv1(tmp_path):
