@@ -29,38 +29,12 @@ import torch.nn.functional as F
 
 from equimodal.config import build_config, load_yaml
 from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
 
-from .conftest import small_overrides
 from .interrupt import KillAt, Killed, strip_times
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
-
-
-def config_for(strategy: str, modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides(strategy, epochs), data, *extra])
-
-
-def setup_strategy(config, lr: float = 0.0):
-    """Model, strategy and data; SGD with ``lr`` 0 leaves the parameters as they are."""
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def first_batches(data, count: int, size: int = 64) -> list[MultimodalBatch]:
-    batches = data.train.batches(size)
-    return [next(batches) for _ in range(count)]
+from .method_kit import first_batches
+from .method_kit import method_config as config_for
+from .method_kit import set_up as setup_strategy
 
 
 # ---------------------------------------------------------------------------- AGM

@@ -12,35 +12,17 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.amco  # noqa: F401  (registers "amco")
-from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
 from equimodal.strategies.amco import dependence_shares, mask_ratio, random_mask
 
-from .conftest import small_overrides
 from .interrupt import KillAt, Killed, strip_times
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import method_config
+from .method_kit import set_up as setup
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("amco", epochs), data, *extra])
-
-
-def setup(config, lr: float = 0.0):
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
+    return method_config("amco", modalities, epochs, extra)
 
 
 # ---------------------------------------------------------------------------- the rule

@@ -12,13 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.greedy  # noqa: F401  (registers the strategy)
-from equimodal.config import build_config
-from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
+from equimodal.engine.trainer import Trainer
 from equimodal.engine.validation import FeatureCache
 from equimodal.models.greedy_fusion import MMTMFusion
-from equimodal.strategies import TrainContext, build_strategy
 from equimodal.strategies.greedy import (
     imbalance,
     learning_speed,
@@ -26,32 +22,13 @@ from equimodal.strategies.greedy import (
     utilisation_rate,
 )
 
-from .conftest import small_overrides
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import first_batches as batches
+from .method_kit import method_config
+from .method_kit import set_up as setup
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("greedy", epochs), data, *extra])
-
-
-def setup(config, lr: float = 0.0):
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def batches(data, count: int, size: int = 64) -> list[MultimodalBatch]:
-    it = data.train.batches(size)
-    return [next(it) for _ in range(count)]
+    return method_config("greedy", modalities, epochs, extra)
 
 
 # ---------------------------------------------------------------------------- the block

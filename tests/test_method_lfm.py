@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.lfm  # noqa: F401
-from equimodal.config import build_config
 from equimodal.data.registry import load_dataset
 from equimodal.engine.callbacks import Callback
 from equimodal.engine.trainer import Trainer, build_model
@@ -24,17 +23,11 @@ from equimodal.strategies.lfm import (
     probe_rows,
 )
 
-from .conftest import small_overrides
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import method_config
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("lfm", epochs), data, *extra])
+    return method_config("lfm", modalities, epochs, extra)
 
 
 def setup_strategy(config, dtype=torch.float32):

@@ -9,40 +9,19 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.mbsd  # noqa: F401
-from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
 
-from .conftest import small_overrides
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import first_batches, method_config
+from .method_kit import set_up as setup
 
 
 def config_for(modalities: int, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("mbsd", epochs), data, *extra])
+    return method_config("mbsd", modalities, epochs, extra)
 
 
-def setup(config):
-    """Model, strategy and data; SGD with lr 0 keeps the parameters, so each step's
-    gradients can be compared with the hand-computed ones."""
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def batches(data, count: int, size: int = 48) -> list[MultimodalBatch]:
-    it = data.train.batches(size)
-    return [next(it) for _ in range(count)]
+def batches(data, count: int) -> list[MultimodalBatch]:
+    return first_batches(data, count, size=48)
 
 
 def official_pair_terms(u_a, u_b, label, on_logits: bool):

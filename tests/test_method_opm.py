@@ -11,25 +11,18 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.opm  # noqa: F401  (registers "opm")
-from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
 from equimodal.data.registry import load_dataset
 from equimodal.engine.trainer import Trainer, build_model
 from equimodal.strategies import TrainContext, build_strategy
 from equimodal.strategies.opm import drop_probabilities, sample_keep_masks
 
-from .conftest import small_overrides
 from .interrupt import KillAt, Killed, strip_times
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import method_config
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("opm", epochs), data, *extra])
+    return method_config("opm", modalities, epochs, extra)
 
 
 def setup(config, lr: float = 0.0, warm_steps: int = 0):

@@ -17,45 +17,21 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.pmr  # noqa: F401  (registers the strategy)
-from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
 from equimodal.strategies.pmr import (
     pmr_coefficients,
     prototypical_cross_entropy,
     prototypical_entropy,
 )
 
-from .conftest import small_overrides
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import first_batches as batches
+from .method_kit import method_config
+from .method_kit import set_up as setup_strategy
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("pmr", epochs), data, *extra])
-
-
-def setup_strategy(config):
-    """Model, strategy and data; SGD with lr 0 leaves the parameters as they are."""
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def batches(data, count: int, start: int = 0, size: int = 64) -> list[MultimodalBatch]:
-    it = data.train.batches(size)
-    out = [next(it) for _ in range(start + count)]
-    return out[start:]
+    return method_config("pmr", modalities, epochs, extra)
 
 
 def drop_rows(batch: MultimodalBatch, modality: str, rows: slice) -> MultimodalBatch:

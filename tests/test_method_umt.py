@@ -14,39 +14,21 @@ import torch
 import torch.nn.functional as F
 
 import equimodal.strategies.umt  # noqa: F401
-from equimodal.config import build_config
 from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
+from equimodal.strategies import build_strategy
 
-from .conftest import small_overrides
 from .interrupt import KillAt, Killed, strip_times
-
-SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
+from .method_kit import first_batches, method_config
+from .method_kit import set_up as setup
 
 
 def config_for(modalities: int = 3, epochs: int = 3, extra=()):
-    data = (
-        f"dataset.options={{num_samples: 600, num_classes: 4, num_modalities: {modalities}, "
-        f"signal: {SIGNALS[modalities]}}}"
-    )
-    return build_config({}, [*small_overrides("umt", epochs), data, *extra])
+    return method_config("umt", modalities, epochs, extra)
 
 
-def setup(config, optimizer=None):
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    opt = (optimizer or (lambda params: torch.optim.SGD(params, lr=0.0)))(model.parameters())
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, opt, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def batches(data, count: int, size: int = 48) -> list[MultimodalBatch]:
-    it = data.train.batches(size)
-    return [next(it) for _ in range(count)]
+def batches(data, count: int) -> list[MultimodalBatch]:
+    return first_batches(data, count, size=48)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -102,7 +84,7 @@ def test_teacher_stage_trains_each_modality_on_its_own_loss(fusion):
 def test_a_modality_absent_from_the_batch_is_not_trained():
     config = config_for(2)
     data, model, strategy = setup(
-        config, lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+        config, optimizer=lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
     )
     batch = batches(data, 1)[0]
     present = {"m0": batch.present["m0"], "m1": torch.zeros_like(batch.present["m1"])}
@@ -120,7 +102,7 @@ def test_a_modality_absent_from_the_batch_is_not_trained():
 
 def test_each_teacher_is_its_modality_at_its_best_epoch():
     config = config_for(2, extra=["strategy.teacher_epochs=2"])
-    data, model, strategy = setup(config, lambda params: torch.optim.SGD(params, lr=0.1))
+    data, model, strategy = setup(config, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     initial = snapshot(model)
     first, second = batches(data, 2)
     strategy.on_epoch_start(1)
@@ -166,7 +148,7 @@ def distill_loss_by_hand(model, teachers, batch, scaling, seed):
 def test_distillation_loss_by_hand_with_dropout_on_and_frozen_teachers():
     extra = ["model.encoder.dropout=0.3", "strategy.scaling=2.5"]
     config = config_for(3, extra=extra)
-    data, model, strategy = setup(config, lambda params: torch.optim.SGD(params, lr=0.1))
+    data, model, strategy = setup(config, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     train = batches(data, 4)
     for batch in train[:2]:
         strategy.training_step(batch)  # teacher stage
@@ -203,7 +185,7 @@ def test_distillation_loss_by_hand_with_dropout_on_and_frozen_teachers():
 
 def test_state_is_json_and_rebuilds_the_same_teachers():
     config = config_for(2, extra=["model.encoder.dropout=0.3"])
-    data, model, strategy = setup(config, lambda params: torch.optim.SGD(params, lr=0.1))
+    data, model, strategy = setup(config, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     batch = batches(data, 1)[0]
     strategy.training_step(batch)
     strategy.start_distillation(1)

@@ -16,10 +16,7 @@ import torch.nn.functional as F
 import equimodal.strategies.valuation  # noqa: F401  (registers the strategy)
 from equimodal.balance.shapley import exact_shapley_from_table
 from equimodal.config import build_config
-from equimodal.data.batch import MultimodalBatch
-from equimodal.data.registry import load_dataset
-from equimodal.engine.trainer import Trainer, build_model
-from equimodal.strategies import TrainContext, build_strategy
+from equimodal.engine.trainer import Trainer
 from equimodal.strategies.valuation import (
     coalition_values,
     copy_counts,
@@ -28,6 +25,8 @@ from equimodal.strategies.valuation import (
 )
 
 from .conftest import small_overrides
+from .method_kit import first_batches as batches
+from .method_kit import set_up as setup
 
 SIGNALS = {2: "[3.0, 0.8]", 3: "[3.0, 1.5, 0.4]"}
 
@@ -40,21 +39,6 @@ def config_for(modalities: int = 3, epochs: int = 3, extra=()):
     return build_config(
         {}, [*small_overrides("valuation", epochs), data, "strategy.warmup=1", *extra]
     )
-
-
-def setup(config, lr: float = 0.0):
-    data = load_dataset(config.dataset.name, seed=0, **config.dataset.options)
-    torch.manual_seed(0)
-    model = build_model(config, data.info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    strategy = build_strategy(config.strategy)
-    strategy.setup(TrainContext(model, optimizer, data.modalities, data.num_classes, seed=0))
-    return data, model, strategy
-
-
-def batches(data, count: int, size: int = 64) -> list[MultimodalBatch]:
-    it = data.train.batches(size)
-    return [next(it) for _ in range(count)]
 
 
 def official_copies(contrib: float) -> int:
