@@ -229,7 +229,7 @@ def test_resnet18_state_dict_names_match_torchvision():
     # state dict strictly and compares outputs
 
 
-def test_resnet18_loads_weights_and_averages_conv1(tmp_path):
+def test_resnet18_loads_weights_and_sums_conv1(tmp_path):
     from safetensors.torch import save_file
 
     source = ResNet18(3)
@@ -240,9 +240,11 @@ def test_resnet18_loads_weights_and_averages_conv1(tmp_path):
     for name in ("w.pth", "w.safetensors"):
         spec = ModalitySpec("audio", (1, 40, 30), "spectrogram")
         audio = build_encoder(spec, "resnet18", weights=str(tmp_path / name))
-        torch.testing.assert_close(
-            audio.conv1.weight, state["conv1.weight"].mean(dim=1, keepdim=True)
-        )
+        torch.testing.assert_close(audio.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+        grey = torch.randn(2, 1, 40, 30)  # one channel = the RGB network on a grey image
+        source.eval(), audio.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(audio(grey), source(grey.expand(-1, 3, -1, -1)))
         torch.testing.assert_close(audio.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
         frames = build_encoder(
             ModalitySpec("visual", (2, 3, 32, 32), "frames"),

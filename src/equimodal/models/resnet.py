@@ -206,7 +206,9 @@ def load_resnet18_weights(model: ResNet18, path: str | Path) -> None:
     """Load torchvision-named ResNet-18 weights from ``path`` into ``model`` (``fc`` ignored).
 
     When the model reads 1 channel and the file's ``conv1`` has 3 (ImageNet weights on
-    a spectrogram), ``conv1`` is averaged over its input channels.
+    a spectrogram), ``conv1`` is summed over its input channels, as timm's
+    ``adapt_input_conv`` and the ``torchvision``/``timm`` encoder kinds do: a grey image then
+    gets exactly the RGB network's response, which the loaded batch-norm statistics expect.
     """
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     expected = model.state_dict()
@@ -228,9 +230,9 @@ def load_resnet18_weights(model: ResNet18, path: str | Path) -> None:
         if model.in_channels != 1:
             raise ValueError(
                 f"{where}: conv1 reads {conv1.shape[1]} channels but the encoder reads "
-                f"{model.in_channels}; only 3 -> 1 (averaged) is adapted"
+                f"{model.in_channels}; only 3 -> 1 (summed) is adapted"
             )
-        state["conv1.weight"] = conv1.mean(dim=1, keepdim=True)
+        state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(
