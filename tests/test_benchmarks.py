@@ -20,9 +20,16 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 EXPECTED = {
     "shapley_overhead.py": [
-        f"{kind}_overhead_{case}"
+        key
         for case in ("mfeat", "synthetic_m8", "synthetic_m12")
-        for kind in ("shapley", "hybrid_schedule", "per_coalition", "naive")
+        for key in (
+            *(
+                f"{k}_overhead_{case}"
+                for k in ("shapley", "hybrid_schedule", "per_coalition", "naive")
+            ),
+            f"selection_only_{case}",
+            f"shapley_part_{case}",
+        )
     ],
     "hybrid_order.py": [
         *(f"hybrid_{m}_{size}" for m in ("m3", "m6") for size in ("b1", "b64", "split")),
