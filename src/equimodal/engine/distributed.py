@@ -67,7 +67,7 @@ def _import_compiler_config() -> None:
     ``torch.use_deterministic_algorithms`` (called by ``seed_everything``) imports it, and
     with it torch's compiler stack. Imported for the first time while a gloo group exists,
     that stack keeps references to the group which outlive ``destroy_process_group``
-    (torch 2.13), so the group's worker threads are never joined: a rank can then abort
+    (torch 2.13 and 2.14), so the group's worker threads are never joined: a rank can then abort
     at interpreter exit ("terminate called without an active exception") when a worker
     still releases the last collective's tensors. Imported first, nothing holds the group.
     """
