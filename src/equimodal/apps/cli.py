@@ -477,6 +477,7 @@ def evaluate(
 ) -> None:
     """Re-score a saved run on its test split, optionally reading only some modalities."""
     from equimodal.engine.trainer import load_run
+    from equimodal.evaluation.scores import check_modalities
     from equimodal.evaluation.scores import evaluate as evaluate_model
 
     if checkpoint not in ("best", "last"):
@@ -485,17 +486,10 @@ def evaluate(
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
         cfg, model, strategy, data = load_run(run_dir, checkpoint)
-        names = list(model.modalities)
-        subset = names
+        subset = list(model.modalities)
         if modalities:
             subset = [m.strip() for m in modalities.split(",") if m.strip()]
-            bad = [m for m in subset if m not in names]
-            if bad or not subset:
-                raise ValueError(
-                    f"unknown modality {bad[0]!r}; the run has {', '.join(names)}"
-                    if bad
-                    else "--modalities is empty"
-                )
+            check_modalities(model, subset)
     except USER_ERRORS as exc:
         _fail(_message(exc))
         return

@@ -17,6 +17,16 @@ from equimodal.engine.validation import class_prior, encode_split, evaluate_cach
 from equimodal.models.model import MultimodalModel
 
 
+def check_modalities(model: MultimodalModel, modalities: Sequence[str]) -> None:
+    """ValueError unless ``modalities`` is a non-empty list of the model's modalities."""
+    names = list(model.modalities)
+    bad = [m for m in modalities if m not in names]
+    if bad:
+        raise ValueError(f"unknown modality {bad[0]!r}; the model has {', '.join(names)}")
+    if not modalities:
+        raise ValueError("modalities is empty")
+
+
 def evaluate(
     model: MultimodalModel,
     data: MultimodalData,
@@ -39,6 +49,8 @@ def evaluate(
     the class frequencies of ``data.train``. ``modalities`` reads only those (the others
     count as missing). Runs on the model's device.
     """
+    if modalities is not None:
+        check_modalities(model, modalities)
     target = data.split(split) if isinstance(split, str) else as_split(split, "split")
     if len(target) == 0:
         raise ValueError(f"the {split if isinstance(split, str) else 'given'} split is empty")
@@ -49,15 +61,6 @@ def evaluate(
     try:
         cache = encode_split(model, target, device=device)
         prior = class_prior(data.train.labels, data.num_classes).to(device)
-        names = list(model.modalities)
-        if modalities is not None:
-            bad = [m for m in modalities if m not in names]
-            if bad or not modalities:
-                raise ValueError(
-                    f"unknown modality {bad[0]!r}; the model has {', '.join(names)}"
-                    if bad
-                    else "modalities is empty"
-                )
         report = evaluate_cache(
             model,
             cache,

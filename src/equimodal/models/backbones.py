@@ -32,7 +32,7 @@ from torch import nn
 
 from equimodal.data.base import ModalitySpec
 from equimodal.models.encoders import register_encoder
-from equimodal.models.resnet import FrameEncoder, read_weights_file
+from equimodal.models.resnet import FrameEncoder, input_channels, read_weights_file
 
 TORCHVISION_INSTALL_HINT = "pip install 'equimodal[vision]'"
 TIMM_INSTALL_HINT = "pip install 'equimodal[timm]'"
@@ -147,21 +147,6 @@ def _unknown_name(encoder: str, name: str, choices: list[str], where: str) -> Va
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else f"see {where}"
     return ValueError(f"unknown {encoder} model {name!r}; {hint}")
-
-
-def sample_channels(spec: ModalitySpec, encoder: str) -> int:
-    """Channels of a modality's samples: ``(C, F, T)`` spectrograms, ``(T, C, H, W)`` frames."""
-    shape = tuple(spec.shape)
-    if spec.kind == "frames" and len(shape) == 4:
-        return int(shape[1])
-    if spec.kind in ("spectrogram", "image") and len(shape) == 3:
-        return int(shape[0])
-    if spec.kind == "spectrogram" and len(shape) == 2:
-        return 1
-    raise ValueError(
-        f"modality {spec.name!r}: the {encoder} encoder reads spectrograms (C, F, T), images "
-        f"(C, H, W) or frames (T, C, H, W); got kind {spec.kind!r} with shape {shape}"
-    )
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -298,12 +283,7 @@ def _build_backbone(
     freeze: bool,
     model_args: dict[str, Any],
 ) -> BackboneEncoder:
-    channels = sample_channels(spec, library)
-    if in_channels is not None and in_channels != channels:
-        raise ValueError(
-            f"modality {spec.name!r}: {library} in_channels is {in_channels} but the samples "
-            f"have {channels} channels (shape {tuple(spec.shape)})"
-        )
+    channels = input_channels(spec, library, in_channels)
     make = _torchvision_backbone if library == "torchvision" else _timm_backbone
     backbone, width, classifier = make(name, channels, dict(model_args))
     label = f"{library}:{name}"

@@ -257,19 +257,32 @@ class ResNet18Options(BaseModel):
     freeze: bool = False
 
 
-def input_channels(spec: ModalitySpec) -> int:
-    """Channels of a modality's samples: ``(C, F, T)`` spectrograms, ``(T, C, H, W)`` frames."""
+def input_channels(
+    spec: ModalitySpec, encoder: str = "resnet18", declared: int | None = None
+) -> int:
+    """Channels of a modality's samples: ``(C, F, T)`` spectrograms, ``(T, C, H, W)`` frames.
+
+    ``declared`` (an encoder's ``in_channels`` option) must match them when given;
+    ``encoder`` names the encoder in the errors.
+    """
     shape = tuple(spec.shape)
     if spec.kind == "frames" and len(shape) == 4:
-        return int(shape[1])
-    if spec.kind in ("spectrogram", "image") and len(shape) == 3:
-        return int(shape[0])
-    if spec.kind == "spectrogram" and len(shape) == 2:
-        return 1
-    raise ValueError(
-        f"modality {spec.name!r}: resnet18 reads spectrograms (C, F, T), images (C, H, W) or "
-        f"frames (T, C, H, W); got kind {spec.kind!r} with shape {shape}"
-    )
+        channels = int(shape[1])
+    elif spec.kind in ("spectrogram", "image") and len(shape) == 3:
+        channels = int(shape[0])
+    elif spec.kind == "spectrogram" and len(shape) == 2:
+        channels = 1
+    else:
+        raise ValueError(
+            f"modality {spec.name!r}: the {encoder} encoder reads spectrograms (C, F, T), images "
+            f"(C, H, W) or frames (T, C, H, W); got kind {spec.kind!r} with shape {shape}"
+        )
+    if declared is not None and declared != channels:
+        raise ValueError(
+            f"modality {spec.name!r}: {encoder} in_channels is {declared} but the samples "
+            f"have {channels} channels (shape {shape})"
+        )
+    return channels
 
 
 @register_encoder(
@@ -285,12 +298,7 @@ def build_resnet18(
     freeze: bool = False,
 ) -> ResNet18:
     """A :class:`ResNet18` for modality ``spec``, optionally loaded from ``weights``."""
-    channels = input_channels(spec)
-    if in_channels is not None and in_channels != channels:
-        raise ValueError(
-            f"modality {spec.name!r}: resnet18 in_channels is {in_channels} but the samples "
-            f"have {channels} channels (shape {tuple(spec.shape)})"
-        )
+    channels = input_channels(spec, "resnet18", in_channels)
     model = ResNet18(channels, frame_pool=frame_pool)
     if weights is not None:
         load_resnet18_weights(model, weights)
